@@ -1,0 +1,1 @@
+"""Guide functions: variational families q(z | x) matching the models in ``models``."""

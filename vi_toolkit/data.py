@@ -1,0 +1,104 @@
+"""The data of a fit: one tensor, or a tuple or dict of tensors sharing dimension 0.
+
+Dimension 0 indexes data points. A fit calls ``model(x, num_data=N)`` for a tensor,
+``model(*batch, num_data=N)`` for a tuple and ``model(**batch, num_data=N)`` for a
+dict, with every tensor indexed by the same minibatch.
+"""
+
+import numpy as np
+import torch
+
+
+def _label(name, key):
+    return name if key is None else f"{name}[{key!r}]"
+
+
+def _as_tensor(value, label):
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            return torch.as_tensor(value, dtype=torch.get_default_dtype())
+        if value.dtype.kind in "iub":
+            return torch.as_tensor(value)
+        raise ValueError(f"{label} is a numpy array of dtype {value.dtype}, not numbers")
+    if not torch.is_tensor(value):
+        raise ValueError(f"{label} must be a tensor or numpy array, got {type(value).__name__}")
+    return value
+
+
+class FitData:
+    """Validated data, moved once to ``device``; ``batch(idx)`` indexes every tensor alike.
+
+    Checks, each a ``ValueError`` naming the offending tensor: not empty, the same
+    leading dimension everywhere, no NaN or infinite values, and floating point for
+    a bare tensor (integer indices, labels or lengths belong in a tuple or dict).
+    """
+
+    def __init__(self, data, *, name="data", device=None):
+        if isinstance(data, dict):
+            if not data:
+                raise ValueError(f"{name} is an empty dict")
+            self.kind, keys, values = "dict", list(data), list(data.values())
+        elif isinstance(data, (tuple, list)):
+            if not data:
+                raise ValueError(f"{name} is an empty tuple")
+            self.kind, keys, values = "tuple", list(range(len(data))), list(data)
+        else:
+            self.kind, keys, values = "tensor", [None], [data]
+        tensors = [_as_tensor(v, _label(name, k)) for k, v in zip(keys, values)]
+        self.name, self.keys = name, keys
+        for key, t in zip(keys, tensors):
+            label = _label(name, key)
+            if t.dim() == 0:
+                raise ValueError(f"{label} is a scalar; dimension 0 must index data points")
+            if t.shape[0] == 0:
+                raise ValueError(f"{label} is empty (shape {tuple(t.shape)})")
+            if self.kind == "tensor" and not (t.is_floating_point() or t.is_complex()):
+                raise ValueError(
+                    f"{label} has integer dtype {t.dtype}; the model observes real values: pass "
+                    f"{name}.float(), or put integer inputs (indices, labels, lengths) in a "
+                    "tuple or dict beside the real-valued data")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+                count = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{label} has {count} NaN or infinite value(s), the first at "
+                                 f"index {tuple(bad)}")
+        sizes = {_label(name, k): t.shape[0] for k, t in zip(keys, tensors)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"{name}: tensors must share the leading (data-point) dimension, "
+                             f"got {sizes}")
+        self.num_data = tensors[0].shape[0]
+        self.tensors = [t.to(device) for t in tensors] if device is not None else tensors
+        self.device = self.tensors[0].device
+
+    def check_like(self, other):
+        """Raise unless ``other`` has this data's structure and per-point shapes."""
+        if self.kind != other.kind or self.keys != other.keys:
+            raise ValueError(f"{other.name} must have the structure of {self.name} "
+                             f"({self.kind} with keys {self.keys}), got {other.kind} "
+                             f"with keys {other.keys}")
+        for key, a, b in zip(self.keys, self.tensors, other.tensors):
+            if a.shape[1:] != b.shape[1:]:
+                raise ValueError(f"{_label(other.name, key)} has per-point shape "
+                                 f"{tuple(b.shape[1:])}, {_label(self.name, key)} has "
+                                 f"{tuple(a.shape[1:])}")
+
+    def batch(self, index=None):
+        """The tensors at ``index`` (a LongTensor on the data's device), or all of them."""
+        if index is None:
+            return self.tensors
+        return [t.index_select(0, index) for t in self.tensors]
+
+    def call_args(self, tensors, num_data):
+        """(args, kwargs) for calling a model on ``tensors`` drawn from this data."""
+        kwargs = {} if num_data is None else {"num_data": num_data}
+        if self.kind == "dict":
+            kwargs.update(zip(self.keys, tensors))
+            return (), kwargs
+        return tuple(tensors), kwargs
+
+    def batches(self, batch_size):
+        """Consecutive batches covering the data once, in order (for evaluation)."""
+        n = self.num_data
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(start + batch_size, n), device=self.device)
+            yield self.batch(index)

@@ -1,0 +1,42 @@
+"""The contract every script under ``examples/`` and ``benchmarks/`` shares.
+
+``--help``, ``--quick`` (a run of seconds, used by the demo and the smoke tests),
+``--out DIR`` (figures as PNG and a ``metrics.json``), ``--device`` and ``--seed``;
+each script prints a short summary at the end.
+"""
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # scripts write PNG files; no display needed
+
+
+def script_parser(description, default_out):
+    """An ``ArgumentParser`` with the shared options; add the script's own to it."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a run of seconds (smoke test, demo)")
+    parser.add_argument("--out", default=default_out, help="folder for PNG figures and metrics.json")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    return parser
+
+
+def write_metrics(out, metrics):
+    """Write ``metrics`` to ``out/metrics.json`` and return the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2, default=float)
+    return path
+
+
+def print_summary(title, metrics):
+    """Print ``metrics`` (a flat dict) as an aligned summary under ``title``."""
+    print(f"\n{title}")
+    for key, value in metrics.items():
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        print(f"  {key:<36} {text}")
