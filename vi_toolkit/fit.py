@@ -227,6 +227,7 @@ class _Fit:
         }
         self.history = {k: [] for k in ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")}
         self.step = self.epoch = self.pos = 0
+        self.interval = []  # losses since the last recorded epoch (or interval)
         self.perm = None
         self.best = None  # (val_elbo, params snapshot)
         self.bad_evals = 0
@@ -263,6 +264,10 @@ class _Fit:
         else:
             self.elbo = make_elbo(self.elbo_spec)
         self.config["elbo_class"] = type(self.elbo).__name__
+        if self.elbo.max_plate_nesting == float("inf"):
+            # Pyro would guess it by tracing inside the first step; guess it now, so that no
+            # step draws random numbers that the step before it did not (exact resume)
+            self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
         if self.minibatch:
             sizes = {f.full_size or f.size for site in model_trace.nodes.values() if site["type"] == "sample"
                      for f in site["cond_indep_stack"]}
@@ -351,6 +356,7 @@ class _Fit:
             "history": {k: list(v) for k, v in self.history.items()},
             "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos,
                          "perm": None if self.perm is None else self.perm.clone(),
+                         "interval": list(self.interval),
                          "bad_evals": self.bad_evals, "rel_changes": list(self.rel_changes),
                          "prev_interval_loss": self.prev_interval_loss},
             "rng": get_rng_state(),
@@ -381,6 +387,7 @@ class _Fit:
         self.step, self.epoch, self.pos = prog["step"], prog["epoch"], prog["pos"]
         self.perm = None if prog["perm"] is None else prog["perm"].to(self.device)
         self.bad_evals, self.rel_changes = prog["bad_evals"], list(prog["rel_changes"])
+        self.interval = list(prog["interval"])
         self.prev_interval_loss = prog["prev_interval_loss"]
         set_rng_state(state["rng"])
 
@@ -481,14 +488,12 @@ class _Fit:
     def loop(self):
         start_time = time.perf_counter() - (self.history["time"][-1] if self.history["time"] else 0.0)
         good = self.state()
-        pending, interval, epoch_losses = [], [], []
-        last_tensors = None
+        pending = []
         bar = tqdm(total=self.total, initial=self.step, disable=not self.progress,
                    unit="step", dynamic_ncols=True, desc="fit")
         try:
             while self.step < self.total and self.stopped is None:
                 tensors, end_of_epoch = self.next_batch()
-                last_tensors = tensors
                 try:
                     pending.append(self.train_step(tensors))
                 except (KeyboardInterrupt, FitError):
@@ -508,12 +513,12 @@ class _Fit:
                 if bad is None and not all(torch.isfinite(p).all() for p in self.params.values()):
                     bad = len(losses) - 1
                 if bad is not None:
-                    self.diverged(good, self.step - len(losses) + bad + 1, last_tensors, bar)
+                    self.diverged(good, self.step - len(losses) + bad + 1, bar)
                 self.history["loss"].extend(losses)
-                interval.extend(losses)
+                self.interval.extend(losses)
                 bar.update(len(losses))
                 if record:
-                    epoch_losses, interval = interval, []
+                    epoch_losses, self.interval = self.interval, []
                     self.record(epoch_losses, start_time)
                 good = self.state()
                 points = len(self.history["loss"]) * (self.batch_size or self.data.num_data)
@@ -549,9 +554,14 @@ class _Fit:
                        f"state at step {self.step} is in the error's .result.",
                        step=step, result=self.result()) from err
 
-    def diverged(self, good, step, tensors, bar):
-        site = self.offending_site(tensors)
+    def diverged(self, good, step, bar):
+        """Replay from the last good state to the failing step, name the culprit, restore."""
         bar.close()
+        self.load_state(good, "the last good state")
+        while self.step < step - 1:  # the replay is exact: the state holds every RNG
+            self.train_step(self.next_batch()[0])
+            self.step += 1
+        site = self.offending_site(self.next_batch()[0])
         self.load_state(good, "the last good state")
         self.stopped = "diverged"
         last = self.history["elbo"][-1] if self.history["elbo"] else None
