@@ -266,3 +266,31 @@ def test_cuda_fit_keeps_data_and_parameters_on_the_gpu(x):
     assert all(v.is_cuda for v in result.params.values())
     cpu = _fit(x, device="cpu")
     assert abs(result.elbo - cpu.elbo) < 0.05
+
+
+def test_iwae_is_per_data_point_and_approaches_log_evidence():
+    """z_i ~ N(0, 1), x_i ~ N(z_i, 1): log p(x_i) = log N(x_i; 0, 2), for any guide as K grows."""
+
+    def model(x, num_data=None):
+        with data_plate(x, num_data):
+            z = pyro.sample("z", dist.Normal(torch.zeros_like(x), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, num_data=None):  # deliberately off: the exact posterior is N(x/2, 1/2)
+        with data_plate(x, num_data):
+            pyro.sample("z", dist.Normal(0.3 * x, 1.0))
+
+    pyro.set_rng_seed(0)
+    x = 2.0 * torch.randn(400)
+    exact = dist.Normal(0.0, 2**0.5).log_prob(x).sum()
+    bounds = {}
+    for k in (1, 10, 1000):
+        with torch.no_grad():
+            bounds[k] = -make_elbo("iwae", num_particles=k).differentiable_loss(model, guide, x)
+    assert bounds[1] < bounds[10] < bounds[1000] <= exact + 0.5
+    assert exact - bounds[1000] < 0.01 * (exact - bounds[1])
+    # the per-point bound on a minibatch is scaled to the data set: unbiased for N/B * sum_B
+    with torch.no_grad():
+        half = -make_elbo("iwae", num_particles=1000).differentiable_loss(model, guide, x[:200],
+                                                                         num_data=400)
+    assert abs(half - 2 * dist.Normal(0.0, 2**0.5).log_prob(x[:200]).sum()) < 0.01 * abs(exact)

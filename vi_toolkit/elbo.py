@@ -128,6 +128,9 @@ class IWAE(Trace_ELBO):
                     local = False  # a site outside the data plate couples all data points
                 else:
                     plate_dim, scale = frame.dim, (frame.full_size or frame.size) / frame.size
+                if self.num_particles == 1:  # Pyro adds no particle plate for K = 1 (dims
+                    # counted from the right, like plate_dim, stay where they were)
+                    log_p = log_p.unsqueeze(0)
                 terms.append(sign * log_p)
         num_particles = self.num_particles
         total = 0.0
