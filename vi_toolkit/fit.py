@@ -109,8 +109,9 @@ class FitResult:
         name = lambda f: getattr(f, "__name__", type(f).__name__)  # noqa: E731
         val = "" if self.val_elbo is None else f", val_elbo={self.val_elbo:.4g}"
         steps = len(self.history["loss"])
+        epochs = self.history["epoch"][-1] if self.history["epoch"] else 0
         return (f"FitResult(model={name(self.model)}, guide={name(self.guide)}, "
-                f"elbo={self.config['elbo']}, steps={steps}, epochs={self.history['epoch'][-1] if self.history['epoch'] else 0}, "
+                f"elbo={self.config['elbo']}, steps={steps}, epochs={epochs}, "
                 f"elbo_per_point={self.elbo:.4g}{val}, device={self.device}, "
                 f"stopped={self.stopped!r})")
 
@@ -221,8 +222,10 @@ class _Fit:
             "elbo": elbo if isinstance(elbo, str) else type(elbo).__name__,
             "num_particles": num_particles, "batch_size": batch_size or n, "num_data": n,
             "num_epochs": num_epochs, "num_steps": self.total,
-            "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
-            "lr": lr, "clip_norm": clip_norm, "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
+            "optimizer": (optimizer if isinstance(optimizer, str)
+                          else getattr(optimizer, "__name__", "custom")),
+            "lr": lr, "clip_norm": clip_norm,
+            "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
             "seed": seed, "drop_last": drop_last, "device": str(self.device),
         }
         self.history = {k: [] for k in ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")}
@@ -269,8 +272,8 @@ class _Fit:
             # step draws random numbers that the step before it did not (exact resume)
             self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
         if self.minibatch:
-            sizes = {f.full_size or f.size for site in model_trace.nodes.values() if site["type"] == "sample"
-                     for f in site["cond_indep_stack"]}
+            sizes = {f.full_size or f.size for site in model_trace.nodes.values()
+                     if site["type"] == "sample" for f in site["cond_indep_stack"]}
             if self.data.num_data not in sizes:
                 raise ValueError(
                     f"minibatching: no plate in the model has size num_data="
@@ -285,6 +288,7 @@ class _Fit:
     def collect_params(self):
         """Register parameters that appeared in the store (or in nn.Modules) since last time."""
         new = []
+        self.store_size = len(pyro.get_param_store())
         for name, p in sorted(pyro.get_param_store().named_parameters()):
             if name not in self.params:
                 if p.device != self.device:
@@ -324,7 +328,7 @@ class _Fit:
         loss = self.loss(tensors, self.data)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
-        if len(pyro.get_param_store()) > len(self.params):
+        if len(pyro.get_param_store()) > self.store_size:  # a parameter created lazily
             for p in self.collect_params():
                 self.optim.add_param_group({"params": [p]})
         if self.clip_norm is not None:
