@@ -15,16 +15,21 @@ def make_optimizer(optimizer, params, lr, optimizer_args=None):
     """A ``torch.optim.Optimizer`` over ``params``.
 
     ``optimizer`` is a name (``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``,
-    ``"adagrad"``), a ``torch.optim.Optimizer`` subclass, or a callable
+    ``"adagrad"``; Adam and AdamW use torch's fused kernel unless ``optimizer_args``
+    says otherwise), a ``torch.optim.Optimizer`` subclass, or a callable
     ``params -> Optimizer``; ``optimizer_args`` are passed on (betas, momentum, ...).
     """
     kwargs = dict(optimizer_args or {})
     if isinstance(optimizer, str):
         cls = _OPTIMIZERS.get(optimizer.lower())
         if cls is None:
-            names = ", ".join(k for k, v in _OPTIMIZERS.items() if v is not None)
+            names = ", ".join(_OPTIMIZERS)
             raise ValueError(f"unknown optimizer {optimizer!r}: use one of {names}, a "
                              "torch.optim.Optimizer class, or a callable params -> optimizer")
+        if cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(kwargs):
+            # one fused kernel for all parameters: ~10% of a small network's step
+            kwargs["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                  for p in params)
         return cls(params, lr=lr, **kwargs)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer(params, lr=lr, **kwargs)
