@@ -294,3 +294,18 @@ def test_iwae_is_per_data_point_and_approaches_log_evidence():
         half = -make_elbo("iwae", num_particles=1000).differentiable_loss(model, guide, x[:200],
                                                                          num_data=400)
     assert abs(half - 2 * dist.Normal(0.0, 2**0.5).log_prob(x[:200]).sum()) < 0.01 * abs(exact)
+
+
+def test_lbfgs_fits_a_deterministic_objective_in_few_steps():
+    """MAP of the conjugate mean with a point-mass guide: argmax of the exact log posterior."""
+    x = 3.0 + torch.randn(100, generator=torch.Generator().manual_seed(2))
+
+    def delta_guide(x, num_data=None):
+        pyro.sample("mu", dist.Delta(pyro.param("mu_map", torch.tensor(0.0))))
+
+    result = fit(conjugate.model, delta_guide, x, optimizer="lbfgs", lr=1.0, num_steps=5,
+                 progress=False)
+    mean, _ = conjugate.posterior(x)  # for a Normal posterior the mode is the mean
+    assert abs(result.params["mu_map"] - mean) < 1e-4
+    with pytest.raises(ValueError, match="lbfgs' needs the full batch"):
+        fit(conjugate.model, delta_guide, x, optimizer="lbfgs", batch_size=10, progress=False)

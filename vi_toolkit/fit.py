@@ -177,6 +177,9 @@ class _Fit:
                              ("checkpoint_every", checkpoint_every)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if (optimizer == "lbfgs" or optimizer is torch.optim.LBFGS) and batch_size not in (None, n):
+            raise ValueError("optimizer='lbfgs' needs the full batch (batch_size=None): its line "
+                             "search assumes a deterministic objective")
         if patience is not None and self.val is None:
             raise ValueError("patience (early stopping) needs val_data to watch")
         if tol_rel_obj is not None and not tol_rel_obj > 0:
@@ -326,20 +329,25 @@ class _Fit:
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     def train_step(self, tensors):
+        """One optimiser step on ``tensors``; the loss is returned on the device, unread."""
         if self.transform is not None:
             tensors = self.transform(tensors)
-        validate = self.validate is True or (self.validate == "first" and not self.validated)
-        with pyro.validation_enabled(validate):
-            loss = self.loss(tensors, self.data)
-        self.validated = True
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def closure():  # L-BFGS evaluates it several times per step, the others once
+            validate = self.validate is True or (self.validate == "first" and not self.validated)
+            with pyro.validation_enabled(validate):
+                loss = self.loss(tensors, self.data)
+            self.validated = True
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
+            return loss
+
+        loss = self.optim.step(closure)
         if len(pyro.get_param_store()) > self.store_size:  # a parameter created lazily
             for p in self.collect_params():
                 self.optim.add_param_group({"params": [p]})
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
-        self.optim.step()
         if self.scheduler is not None:
             self.scheduler.step()
         return loss.detach()

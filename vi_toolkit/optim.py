@@ -8,6 +8,7 @@ _OPTIMIZERS = {
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
+    "lbfgs": torch.optim.LBFGS,
 }
 
 
@@ -15,8 +16,10 @@ def make_optimizer(optimizer, params, lr, optimizer_args=None):
     """A ``torch.optim.Optimizer`` over ``params``.
 
     ``optimizer`` is a name (``"adam"``, ``"adamw"``, ``"sgd"``, ``"rmsprop"``,
-    ``"adagrad"``; Adam and AdamW use torch's fused kernel unless ``optimizer_args``
-    says otherwise), a ``torch.optim.Optimizer`` subclass, or a callable
+    ``"adagrad"``, ``"lbfgs"``; Adam and AdamW use torch's fused kernel unless
+    ``optimizer_args`` says otherwise; L-BFGS, with a strong-Wolfe line search, is for
+    deterministic full-batch objectives such as a point-mass guide with enumerated
+    discrete latents), a ``torch.optim.Optimizer`` subclass, or a callable
     ``params -> Optimizer``; ``optimizer_args`` are passed on (betas, momentum, ...).
     """
     kwargs = dict(optimizer_args or {})
@@ -30,6 +33,8 @@ def make_optimizer(optimizer, params, lr, optimizer_args=None):
             # one fused kernel for all parameters: ~10% of a small network's step
             kwargs["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                                   for p in params)
+        if cls is torch.optim.LBFGS:
+            kwargs.setdefault("line_search_fn", "strong_wolfe")
         return cls(params, lr=lr, **kwargs)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer(params, lr=lr, **kwargs)
