@@ -17,6 +17,7 @@ on in the returned :class:`FitResult`.
 
 import contextlib
 import inspect
+import itertools
 import math
 import os
 import time
@@ -32,12 +33,13 @@ from tqdm.auto import tqdm
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .data import FitData
 from .devices import resolve_device
+from .distributed import DataParallel, DistributedError, launched
 from .elbo import make_elbo
 from .optim import make_optimizer, make_scheduler
 
 # the settings a resumed fit must share with the fit that wrote the checkpoint
 _RESUME_KEYS = ("elbo", "num_particles", "batch_size", "num_data", "optimizer", "lr",
-                "clip_norm", "seed", "drop_last")
+                "clip_norm", "seed", "drop_last", "world_size")
 
 
 class FitError(RuntimeError):
@@ -157,8 +159,12 @@ class _Fit:
                  max_plate_nesting, optimizer, lr, optimizer_args, clip_norm, lr_schedule,
                  batch_size, num_epochs, num_steps, drop_last, val_batch_size, patience,
                  tol_rel_obj, log_every, callbacks, transform, validate, device, seed, progress,
-                 checkpoint, checkpoint_every):
-        self.device = resolve_device(device)
+                 checkpoint, checkpoint_every, distributed):
+        if distributed not in ("auto", True, False):
+            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+        self.dist = DataParallel(device) if distributed is True or (
+            distributed == "auto" and launched()) else None
+        self.device = resolve_device(device) if self.dist is None else self.dist.device
         self.model, self.guide = model, guide
         self.data = FitData(data, name="data", device=self.device)
         self.val = None
@@ -194,12 +200,16 @@ class _Fit:
             self.steps_per_epoch = 1
             self.total = num_steps or num_epochs or 1000
             self.log_every = log_every or max(1, min(100, self.total // 20))
+        if self.dist is not None:
+            self.check_distributed(optimizer, drop_last)
         self.pass_num_data = _accepts(model, "num_data")
         if self.pass_num_data and not _accepts(guide, "num_data"):
             raise ValueError("the guide must take the same arguments as the model, including "
                              "the keyword num_data (see vi_toolkit.plates)")
-        if self.minibatch and not self.pass_num_data:
-            raise ValueError("minibatching (batch_size < number of data points) needs a model "
+        if (self.minibatch or self.dist is not None) and not self.pass_num_data:
+            what = ("minibatching (batch_size < number of data points)" if self.minibatch
+                    else "a distributed fit (each process fits a part of the data)")
+            raise ValueError(f"{what} needs a model "
                              "that takes the keyword num_data and opens its data plate with "
                              "vi_toolkit.data_plate(x, num_data), so local terms are scaled by "
                              "N/B (see vi_toolkit.plates)")
@@ -234,6 +244,8 @@ class _Fit:
             "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
             "seed": seed, "drop_last": drop_last, "device": str(self.device),
         }
+        if self.dist is not None:
+            self.config["world_size"] = self.dist.world
         self.history = {k: [] for k in ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")}
         self.step = self.epoch = self.pos = 0
         self.interval = []  # losses since the last recorded epoch (or interval)
@@ -243,6 +255,21 @@ class _Fit:
         self.rel_changes, self.prev_interval_loss = [], None
         self.stopped = None
         self.postfix = {}
+
+    def check_distributed(self, optimizer, drop_last):
+        world, n = self.dist.world, self.data.num_data
+        if optimizer == "lbfgs" or optimizer is torch.optim.LBFGS:
+            raise ValueError("optimizer='lbfgs' cannot run distributed: its line search would "
+                             "read each process's own loss")
+        smallest = n
+        if self.minibatch:
+            last = n % self.batch_size
+            smallest = self.batch_size if drop_last or last == 0 else min(self.batch_size, last)
+        if smallest < world:
+            raise ValueError(f"a distributed fit over {world} processes splits each batch "
+                             f"across them, but a batch has {smallest} point(s); use batch_size "
+                             f">= {world} (and drop_last=True if the last batch of an epoch is "
+                             "smaller)")
 
     # -- model and guide calls -------------------------------------------------------------
     def call_args(self, tensors, fit_data):
@@ -277,7 +304,7 @@ class _Fit:
             # Pyro would guess it by tracing inside the first step; guess it now, so that no
             # step draws random numbers that the step before it did not (exact resume)
             self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
-        if self.minibatch:
+        if self.minibatch or self.dist is not None:
             sizes = {f.full_size or f.size for site in model_trace.nodes.values()
                      if site["type"] == "sample" for f in site["cond_indep_stack"]}
             if self.data.num_data not in sizes:
@@ -312,16 +339,25 @@ class _Fit:
 
     # -- one step ------------------------------------------------------------------------
     def next_batch(self):
-        if not self.minibatch:
-            return self.data.tensors, True
         n, b = self.data.num_data, self.batch_size
-        if self.pos == 0:
-            self.perm = torch.randperm(n, device=self.device)
-        index = self.perm[self.pos:self.pos + b]
-        self.pos += b
-        end = self.pos >= n or (self.drop_last and self.pos + b > n)
-        if end:
-            self.pos = 0
+        if not self.minibatch:
+            if self.dist is None:
+                return self.data.tensors, True
+            index, end = torch.arange(n, device=self.device), True
+        else:
+            if self.pos == 0:
+                self.perm = torch.randperm(n, device=self.device)
+                if self.dist is not None:  # every process splits rank 0's permutation
+                    self.dist.broadcast_(self.perm)
+            index = self.perm[self.pos:self.pos + b]
+            self.pos += b
+            end = self.pos >= n or (self.drop_last and self.pos + b > n)
+            if end:
+                self.pos = 0
+        if self.dist is not None:  # this process's part of the batch, and its share
+            shard = self.dist.shard(index)
+            self.share = shard.numel() / index.numel()
+            index = shard
         return self.data.batch(index), end
 
     def loss(self, tensors, fit_data):
@@ -340,6 +376,8 @@ class _Fit:
             self.validated = True
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
+            if self.dist is not None:
+                self.dist.reduce_gradients(list(self.params.values()), self.share)
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm)
             return loss
@@ -350,15 +388,21 @@ class _Fit:
                 self.optim.add_param_group({"params": [p]})
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach()
+        # distributed: this process's share of the global loss, summed when read back
+        return loss.detach() if self.dist is None else loss.detach() * self.share
 
     @torch.no_grad()
     def evaluate(self, fit_data):
         """ELBO per data point on ``fit_data``: sum of batch estimates scaled to N, over N."""
-        total, count = 0.0, 0
-        for tensors in fit_data.batches(self.val_batch_size):
+        total, count = torch.zeros((), device=self.device), 0
+        batches = fit_data.batches(self.val_batch_size)
+        if self.dist is not None:  # each process its share of the batches, then the sum
+            batches = itertools.islice(batches, self.dist.rank, None, self.dist.world)
+        for tensors in batches:
             total = total + self.loss(tensors, fit_data) * tensors[0].shape[0] / fit_data.num_data
             count += tensors[0].shape[0]
+        if self.dist is not None:
+            total = self.dist.sum(total)
         return -float(total) / fit_data.num_data
 
     # -- state: snapshots and checkpoints ------------------------------------------------
@@ -410,7 +454,10 @@ class _Fit:
         set_rng_state(state["rng"])
 
     def resume_from(self, path):
-        state = load_checkpoint(path)
+        if self.dist is None:
+            state = load_checkpoint(path)
+        else:  # rank 0 reads it: the other nodes need no shared file system
+            state = self.dist.broadcast_object(load_checkpoint(path) if self.dist.rank == 0 else None)
         old = state["config"]
         diff = {k: (old.get(k), self.config.get(k)) for k in _RESUME_KEYS
                 if old.get(k) != self.config.get(k)}
@@ -418,9 +465,15 @@ class _Fit:
             raise ValueError(f"cannot resume from {os.fspath(path)!r}: settings differ "
                              f"(checkpoint, now): {diff}")
         self.load_state(state, f"checkpoint {os.fspath(path)!r}")
+        if self.dist is not None:
+            self.dist.restore_stream(state["rng_ranks"])
 
     def save(self):
         state = self.state()
+        if self.dist is not None:  # every process's random streams; rank 0 writes
+            state["rng_ranks"] = self.dist.gather_objects(state["rng"])
+            if self.dist.rank != 0:
+                return
         save_checkpoint(self.checkpoint, _to_cpu(state))
 
     def result(self):
@@ -493,9 +546,16 @@ class _Fit:
         outer = store.get_state()
         store.clear()
         try:
+            if self.dist is not None:  # rank 0's seed and choice of checkpoint
+                self.dist.connect()
+                self.seed = self.config["seed"] = self.dist.broadcast_object(self.seed)
+                resume = self.dist.broadcast_object(resume)
             pyro.set_rng_seed(self.seed)
             with self.device_context():
                 self.initialise()
+                if self.dist is not None:  # identical parameters, independent guide noise
+                    self.dist.broadcast_(list(self.params.values()))
+                    self.dist.seed_stream(self.seed)
                 if resume:
                     self.resume_from(resume)
                 return self.loop()
@@ -507,14 +567,15 @@ class _Fit:
         start_time = time.perf_counter() - (self.history["time"][-1] if self.history["time"] else 0.0)
         good = self.state()
         pending = []
-        bar = tqdm(total=self.total, initial=self.step, disable=not self.progress,
+        bar = tqdm(total=self.total, initial=self.step,
+                   disable=not self.progress or (self.dist is not None and self.dist.rank != 0),
                    unit="step", dynamic_ncols=True, desc="fit")
         try:
             while self.step < self.total and self.stopped is None:
                 tensors, end_of_epoch = self.next_batch()
                 try:
                     pending.append(self.train_step(tensors))
-                except (KeyboardInterrupt, FitError):
+                except (KeyboardInterrupt, FitError, DistributedError):
                     raise
                 except Exception as err:
                     self.failed(good, err, tensors, bar)
@@ -525,7 +586,8 @@ class _Fit:
                     self.step % self.log_every == 0 or self.step == self.total)
                 if not (record or self.step % self.log_every == 0 or self.step == self.total):
                     continue
-                losses = torch.stack(pending).tolist()  # the only read-back: once an interval
+                losses = torch.stack(pending)  # the only read-back: once an interval
+                losses = (losses if self.dist is None else self.dist.sum(losses)).tolist()
                 pending = []
                 bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
                 if bad is None and not torch.stack(
@@ -618,7 +680,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
         lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, drop_last=False,
         val_data=None, val_batch_size=None, patience=None, tol_rel_obj=None, log_every=None,
         callbacks=(), transform=None, validate="first", device="auto", seed=None, progress=True,
-        checkpoint=None, checkpoint_every=None, resume=False):
+        checkpoint=None, checkpoint_every=None, resume=False, distributed="auto"):
     """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
 
     Args:
@@ -650,6 +712,13 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
         checkpoint: path of a checkpoint written each epoch (``checkpoint_every`` epochs)
             and at the end. resume: ``True`` resumes from ``checkpoint`` if it exists,
             or a path to resume from.
+        distributed: run data-parallel over the processes ``torchrun`` started
+            (``"auto"``: when ``WORLD_SIZE`` > 1, ``True``: required, ``False``: never).
+            Each batch of ``batch_size`` points (the global batch) is split across the
+            processes, gradients are averaged (weighted by each process's share of the
+            batch), every process keeps identical parameters;
+            only rank 0 shows progress and writes checkpoints (see
+            :mod:`vi_toolkit.distributed`).
 
     Returns:
         :class:`FitResult`. Raises ``ValueError`` for bad input and
@@ -662,12 +731,13 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
                num_steps=num_steps, drop_last=drop_last, val_batch_size=val_batch_size,
                patience=patience, tol_rel_obj=tol_rel_obj, log_every=log_every,
                callbacks=callbacks, transform=transform, validate=validate, device=device, seed=seed,
-               progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+               progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+               distributed=distributed)
     if resume is True:
         if checkpoint is None:
             raise ValueError("resume=True needs checkpoint=PATH to resume from")
         resume = checkpoint if os.path.exists(checkpoint) else None
-    elif resume:
-        if not os.path.exists(resume):
+    elif resume:  # distributed: rank 0 reads the checkpoint, the other nodes need not see it
+        if not os.path.exists(resume) and (run.dist is None or run.dist.rank == 0):
             raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} does not exist")
     return run.run(resume or None)
