@@ -10,6 +10,55 @@ def _demo(args):
     run_demo(args.out, seed=args.seed, device=args.device, quick=args.quick)
 
 
+def _json(text):
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of keyword arguments")
+    return value
+
+
+def _evaluate(args):
+    import os
+
+    from .evaluation import evaluate_checkpoint, load_data_file, load_object
+
+    sys.path.insert(0, os.getcwd())  # models/ and guides/ of the current checkout
+    model = load_object(args.model, args.model_kwargs, name="--model")
+    guide = load_object(args.guide, args.guide_kwargs, name="--guide")
+    if args.data is not None:
+        data = load_data_file(args.data)
+    else:
+        from .datasets import load_images
+
+        images = load_images(args.dataset, root=args.data_root, binarize=args.binarize,
+                             seed=args.data_seed, device="cpu")
+        data = getattr(images, args.split)
+    if args.num_points is not None:
+        if args.num_points < 1:
+            raise ValueError(f"--num-points must be positive, got {args.num_points}")
+        data = ({k: v[:args.num_points] for k, v in data.items()} if isinstance(data, dict)
+                else tuple(v[:args.num_points] for v in data) if isinstance(data, (tuple, list))
+                else data[:args.num_points])
+    report = evaluate_checkpoint(args.checkpoint, model, guide, data, num_samples=args.num_samples,
+                                 khat_samples=args.khat_samples, batch_size=args.batch_size,
+                                 chunk_size=args.chunk_size, device=args.device, seed=args.seed)
+    print(f"{args.checkpoint}: {report['num_data']} data points")
+    print(f"  held-out ELBO / point          {report['elbo']:.6g} +- {report['elbo_se']:.2g}")
+    print(f"  IWAE log-likelihood / point    {report['iwae']:.6g} +- {report['iwae_se']:.2g} "
+          f"(K = {report['num_samples']})")
+    label = "PSIS k-hat (mean over points)" if report["pointwise"] else "PSIS k-hat (joint)"
+    line = f"  {label:<31}{report['khat']:.3f} ({report['reading']})"
+    if report["pointwise"]:
+        line += (f"; max {report['khat_max']:.3f}, {100 * report['fraction_unreliable']:.1f}% "
+                 "of points above 0.7")
+    print(line)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="vi-toolkit",
@@ -24,6 +73,39 @@ def build_parser():
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out ELBO, IWAE log-likelihood and PSIS k-hat of a saved fit",
+        description="Load a checkpoint written by fit(checkpoint=...) into a model and guide and "
+                    "print, on a data set, the ELBO and the importance-weighted log-likelihood "
+                    "per data point and the PSIS k-hat of the guide. Example: vi-toolkit evaluate "
+                    "fit.pt --model models.vae:DeepLatentGaussian --guide guides.vae:GaussianEncoder "
+                    "--model-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
+                    "--guide-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
+                    "--dataset digits --split test")
+    evaluate.add_argument("checkpoint", help="a checkpoint file written by vi_toolkit.fit")
+    evaluate.add_argument("--model", required=True,
+                          help="package.module:attribute, a model function or nn.Module class")
+    evaluate.add_argument("--guide", required=True, help="package.module:attribute of the guide")
+    evaluate.add_argument("--model-kwargs", type=_json, default={},
+                          help="JSON keyword arguments of the model (its class or function)")
+    evaluate.add_argument("--guide-kwargs", type=_json, default={},
+                          help="JSON keyword arguments of the guide")
+    evaluate.add_argument("--data", help="a .pt (tensor, tuple or dict), .npy or .npz data file")
+    evaluate.add_argument("--dataset", default="digits",
+                          help="without --data: a built-in image data set (vi_toolkit.datasets)")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--data-root", default=None, help="folder of the image data set")
+    evaluate.add_argument("--binarize", default="dynamic", choices=("dynamic", "static", "none"),
+                          help="as in training (held-out images are binarized once)")
+    evaluate.add_argument("--data-seed", type=int, default=0, help="the data split's seed")
+    evaluate.add_argument("--num-points", type=int, default=None, help="the first N points only")
+    evaluate.add_argument("--num-samples", type=int, default=5000, help="K of the IWAE estimate")
+    evaluate.add_argument("--khat-samples", type=int, default=1000, help="draws for PSIS k-hat")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--chunk-size", type=int, default=500, help="samples drawn at once")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 

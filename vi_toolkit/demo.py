@@ -17,7 +17,8 @@ import torch
 from .fit import fit
 
 # example scripts the demo runs with --quick, in this order (added by each model family)
-DEMO_EXAMPLES = []
+DEMO_EXAMPLES = ["posterior_analysis", "autoencoders", "denoising", "latent_sampling", "vae_kl",
+                 "kingma_welling", "latent_walk"]
 
 
 def conjugate_section(seed, device, quick):

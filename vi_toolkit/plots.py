@@ -61,11 +61,127 @@ def image_grid(images, path, *, nrow=8, title=None, row_labels=None):
             spine.set_visible(False)
         if i < n:
             img = images[i]
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1) if img.dim() == 3 else img,
+            ax.imshow((img.permute(1, 2, 0).clamp(0, 1) if img.dim() == 3 else img).numpy(),
                       cmap="gray", vmin=0, vmax=1)
     if row_labels:
         for r, label in enumerate(row_labels[:rows]):
             axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title)
+    return save(fig, path)
+
+
+def _figure_of(axes):
+    return np.asarray(axes).flat[0].get_figure()
+
+
+def posterior_densities(idata, path, *, var_names=None, title=None):
+    """Marginal posterior densities with 94% HDIs, by ArviZ's ``plot_posterior``."""
+    import arviz as az
+
+    axes = az.plot_posterior(idata, var_names=var_names, show=False)
+    fig = _figure_of(axes)
+    if title:
+        fig.suptitle(title, y=1.04)
+    return save(fig, path)
+
+
+def posterior_predictive(idata, path, *, var_names=None, num_pp_samples=50, title=None):
+    """Observed data against draws of the posterior predictive, by ArviZ's ``plot_ppc``."""
+    import arviz as az
+
+    axes = az.plot_ppc(idata, var_names=var_names, num_pp_samples=num_pp_samples, show=False)
+    fig = _figure_of(axes)
+    if title:
+        fig.suptitle(title)
+    return save(fig, path)
+
+
+def khat_histogram(khats, path, *, title="PSIS k-hat per data point"):
+    """Histogram of k-hat values with the 0.5 (good) and 0.7 (unreliable) thresholds."""
+    khats = np.asarray(khats, dtype=float).ravel()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(khats[np.isfinite(khats)], bins=30, color="C0", alpha=0.8)
+    for value, label, color in ((0.5, "0.5: good below", "C2"), (0.7, "0.7: unreliable above", "C3")):
+        ax.axvline(value, color=color, linestyle="--", label=label)
+    ax.set_xlabel("k-hat")
+    ax.set_ylabel("data points")
+    ax.set_title(title)
+    ax.legend()
+    return save(fig, path)
+
+
+def sbc_ranks(ranks, num_draws, path, *, bins=None, title="Simulation-based calibration"):
+    """Rank histograms, one per scalar latent, with the 99% band of a uniform histogram.
+
+    ``ranks`` maps a site name to an integer array (simulations, components) of ranks
+    in {0, ..., num_draws}; a calibrated posterior gives flat histograms inside the band.
+    """
+    from scipy import stats
+
+    ranks = {name: np.asarray(r).reshape(len(r), -1) for name, r in ranks.items()}
+    panels = [(f"{name}[{c}]" if r.shape[1] > 1 else name, r[:, c])
+              for name, r in ranks.items() for c in range(r.shape[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (label, r) in zip(axes[0], panels):
+        n = len(r)
+        k = bins or max(2, min(num_draws + 1, n // 5))
+        ax.hist(r, bins=k, range=(-0.5, num_draws + 0.5), color="C0", alpha=0.8)
+        lo, hi = stats.binom.ppf([0.005, 0.995], n, 1 / k)
+        ax.axhspan(lo, hi, color="grey", alpha=0.25, label="99% band (uniform)")
+        ax.axhline(n / k, color="grey")
+        ax.set_xlabel(f"rank of the true value among {num_draws} draws")
+        ax.set_title(label)
+    axes[0, 0].set_ylabel("simulations")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title, y=1.04)
+    return save(fig, path)
+
+
+def latent_scatter(codes, labels, path, *, class_names=None, title="Test codes by label"):
+    """2-D codes (N, 2) as points coloured by their integer ``labels``."""
+    codes = torch.as_tensor(codes).detach().cpu()[:, :2].numpy()
+    labels = torch.as_tensor(labels).detach().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for k in np.unique(labels).tolist():
+        sel = labels == k
+        name = class_names[k] if class_names else str(k)
+        ax.scatter(codes[sel, 0], codes[sel, 1], s=4, alpha=0.6, color=plt.cm.tab10(k % 10), label=name)
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    ax.set_title(title)
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+    return save(fig, path)
+
+
+def animated_gif(frames, path, *, duration_ms=80, scale=4):
+    """Images (T, H, W) or (T, 1, H, W) in [0, 1] as a looping animated GIF, each pixel ``scale``-fold."""
+    from PIL import Image
+
+    frames = torch.as_tensor(frames).detach().float().cpu()
+    if frames.dim() == 4:
+        frames = frames[:, 0]
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+              for f in pixels]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    return path
+
+
+def inference_gaps(points, path, *, title="Inference gaps per data point"):
+    """Histograms of the approximation and amortization gaps (nats) of each point.
+
+    ``points`` is the ``"points"`` dict of :func:`vi_toolkit.evaluation.inference_gaps`.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, color in (("approximation_gap", "C0"), ("amortization_gap", "C1")):
+        values = np.asarray(points[key], dtype=float)
+        ax.hist(values, bins=30, alpha=0.6, color=color,
+                label=f"{key.replace('_', ' ')} (mean {values.mean():.3g})")
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("nats")
+    ax.set_ylabel("data points")
+    ax.set_title(title)
+    ax.legend()
     return save(fig, path)

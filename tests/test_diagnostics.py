@@ -1,0 +1,96 @@
+"""VI diagnostics against known answers: PSIS k-hat of an exact-family and of a too-narrow guide,
+simulation-based calibration of a calibrated and of an overconfident fit, and their plots."""
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from test_evaluation import linear_data, linear_guide, linear_model
+
+from guides import conjugate as conjugate_guide
+from models import conjugate
+from vi_toolkit import data_plate, fit, plots
+from vi_toolkit.diagnostics import khat_reading, psis_khat, simulation_based_calibration
+
+SETTINGS = dict(num_steps=150, lr=0.2, num_particles=4)
+
+
+def narrow_guide(x, num_data=None, **_):
+    """q(mu) = N(m, 0.02^2): its scale is a tenth of the posterior's (about 0.2 for 20 points)."""
+    m = pyro.param("mu_loc", x.new_tensor(0.0))
+    pyro.sample("mu", dist.Normal(m, 0.02))
+
+
+def narrow_linear_guide(x, num_data=None):
+    """The amortized linear guide with its scales a tenth of what the fit would choose."""
+    A = pyro.param("A", torch.zeros(2, x.shape[-1]))
+    with data_plate(x, num_data):
+        pyro.sample("z", dist.Normal(x @ A.T, 0.02).to_event(1))
+
+
+@pytest.fixture(scope="module")
+def x20():
+    return 3.0 + torch.randn(20, generator=torch.Generator().manual_seed(0))
+
+
+def test_khat_is_good_for_the_exact_family_and_unreliable_for_a_narrow_guide(x20):
+    good = fit(conjugate.model, conjugate_guide.guide, x20, elbo="meanfield", num_steps=400,
+               lr=0.1, num_particles=4, progress=False, seed=0)
+    report = psis_khat(good, x20, num_samples=2000, seed=0)
+    assert not report["pointwise"] and report["khat"] < 0.5 and report["reading"] == "good"
+    narrow = fit(conjugate.model, narrow_guide, x20, progress=False, seed=0, **SETTINGS)
+    report = psis_khat(narrow, x20, num_samples=2000, seed=0)
+    assert report["khat"] > 0.7 and report["reading"] == "unreliable"
+
+
+def test_pointwise_khat_for_an_amortized_guide(tmp_path):
+    x = linear_data(60)
+    good = fit(linear_model, linear_guide, x, num_steps=200, lr=0.05, progress=False, seed=0)
+    report = psis_khat(good, x, num_samples=1000, batch_size=25, seed=0)
+    assert report["pointwise"] and report["khat_points"].shape == (60,)
+    assert report["khat"] < 0.5 and report["fraction_unreliable"] < 0.1
+    narrow = fit(linear_model, narrow_linear_guide, x, num_steps=200, lr=0.05, progress=False,
+                 seed=0)
+    bad = psis_khat(narrow, x, num_samples=1000, seed=0)
+    assert bad["khat"] > 0.7 and bad["fraction_unreliable"] > 0.5
+    path = plots.khat_histogram(np.concatenate([report["khat_points"], bad["khat_points"]]),
+                                tmp_path / "khat.png")
+    assert path.stat().st_size > 0
+
+
+def test_khat_readings():
+    assert [khat_reading(k) for k in (0.1, 0.5, 0.7, 0.71, float("nan"))] == [
+        "good", "usable", "usable", "unreliable", "unreliable"]
+
+
+def test_sbc_is_uniform_for_a_calibrated_fit_and_not_for_an_overconfident_one(x20, tmp_path):
+    calibrated = simulation_based_calibration(
+        conjugate.model, conjugate_guide.guide, x20, num_simulations=20, num_draws=99,
+        fit_kwargs=dict(elbo="meanfield", **SETTINGS), seed=0)
+    ranks = calibrated["ranks"]["mu"]
+    assert ranks.shape == (20, 1) and ranks.min() >= 0 and ranks.max() <= 99
+    assert calibrated["uniformity_pvalue"]["mu"][0] > 0.001
+    assert calibrated["symmetry_pvalue"]["mu"][0] > 0.001
+    overconfident = simulation_based_calibration(
+        conjugate.model, narrow_guide, x20, num_simulations=20, num_draws=99, fit_kwargs=SETTINGS,
+        seed=0)
+    r = overconfident["ranks"]["mu"]
+    # with q ten times too narrow, the truth falls outside the draws most of the time
+    assert ((r == 0) | (r == 99)).mean() > 0.5
+    assert overconfident["uniformity_pvalue"]["mu"][0] < 0.001
+    path = plots.sbc_ranks({"calibrated mu": ranks, "overconfident mu": r}, 99, tmp_path / "sbc.png")
+    assert path.stat().st_size > 0
+
+
+def test_bad_input_is_a_clear_value_error(x20):
+    result = fit(conjugate.model, conjugate_guide.guide, x20, num_steps=5, progress=False, seed=0)
+    with pytest.raises(ValueError, match="pointwise"):
+        psis_khat(result, x20, pointwise="yes")
+    with pytest.raises(ValueError, match="num_samples"):
+        psis_khat(result, x20, num_samples=0)
+    with pytest.raises(ValueError, match="sites"):
+        simulation_based_calibration(conjugate.model, conjugate_guide.guide, x20, sites=["sigma"],
+                                     num_simulations=1)
+    with pytest.raises(ValueError, match="num_simulations"):
+        simulation_based_calibration(conjugate.model, conjugate_guide.guide, x20, num_simulations=0)
