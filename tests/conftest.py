@@ -9,6 +9,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# the tests' models are tiny: one thread avoids paying for thread wake-ups on every small op
+# (a 3x3 lower-triangular transform takes milliseconds with two threads on a loaded machine)
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_state():
