@@ -1,0 +1,52 @@
+"""Smoke tests: each auto-encoder / VAE example script runs with --quick and writes its outputs."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPTS = {
+    "examples/autoencoders.py": ["linear_ae_vs_pca.png", "reconstructions.png", "interpolation.png"],
+    "examples/denoising.py": ["denoise_gaussian.png", "denoise_mask.png", "denoise_salt_pepper.png",
+                              "ambiguous.png"],
+    "examples/latent_sampling.py": ["samples.png"],
+    "examples/vae_kl.py": ["elbo_curves.png", "samples_meanfield.png", "samples_trace.png"],
+    "examples/kingma_welling.py": ["lower_bound_vs_samples.png", "manifold_2d.png", "test_codes_2d.png",
+                                   "samples.png"],
+    "examples/latent_walk.py": ["latent_walk.gif", "latent_walk.png"],
+    "benchmarks/vae_vs_pyro_loop.py": ["train_elbo.png"],
+}
+
+
+def load_main(relpath):
+    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_example_quick(script, tmp_path, keep_threads, capsys):
+    metrics = load_main(script)(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    for name in SCRIPTS[script] + ["metrics.json"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "metrics.json") as f:
+        assert json.load(f)["dataset"] == metrics["dataset"] == "digits"
+    assert "digits" in capsys.readouterr().out  # the printed summary
+    if script == "examples/autoencoders.py":  # the linear auto-encoder finds PCA's subspace
+        assert metrics["linear_ae_vs_pca_max_angle_deg"] < 5
+        assert metrics["linear_ae_test_sq_error"] < 1.05 * metrics["pca_test_sq_error"]
+    if script == "benchmarks/vae_vs_pyro_loop.py":  # same model, data and steps: same quality
+        assert abs(metrics["fit_test_elbo"] - metrics["pyro_loop_test_elbo"]) < 2
+
