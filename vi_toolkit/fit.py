@@ -18,6 +18,7 @@ on in the returned :class:`FitResult`.
 import contextlib
 import inspect
 import itertools
+import logging
 import math
 import os
 import time
@@ -303,7 +304,13 @@ class _Fit:
         if self.elbo.max_plate_nesting == float("inf"):
             # Pyro would guess it by tracing inside the first step; guess it now, so that no
             # step draws random numbers that the step before it did not (exact resume)
-            self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
+            quiet = logging.getLogger("pyro.infer.elbo")  # Pyro logs its guess at INFO
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)
+            try:
+                self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
+            finally:
+                quiet.setLevel(level)
         if self.minibatch or self.dist is not None:
             sizes = {f.full_size or f.size for site in model_trace.nodes.values()
                      if site["type"] == "sample" for f in site["cond_indep_stack"]}
