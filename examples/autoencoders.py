@@ -24,7 +24,7 @@ from guides.vae import DeltaEncoder, GaussianEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def pca(x, dim):
@@ -61,9 +61,7 @@ def main(argv=None):
     parser.add_argument("--linear-points", type=int, default=5000, help="training images of the linear AE and PCA")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    args = parser.parse_args(argv)
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     data = images_from_args(args)
     epochs = 40 if args.quick else args.epochs
     hidden = (128,) if args.quick else (400,)
@@ -126,10 +124,7 @@ def main(argv=None):
                      row_labels=labels, title="Latent interpolation: auto-encoder vs VAE")
     plots.elbo_curves(fits, os.path.join(args.out, "elbo.png"), x="epoch",
                       title="Training (solid) and validation (dashed) ELBO")
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"Auto-encoders on {data.name} (latent {args.latent_dim}, {epochs} epochs)", metrics)
-    return metrics
+    return finish(args.out, f"Auto-encoders on {data.name} (latent {args.latent_dim}, {epochs} epochs)", metrics, start)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from guides.vae import Corruption, DeltaEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 CORRUPTIONS = {"gaussian": 0.5, "mask": 0.5, "salt_pepper": 0.25}
 
@@ -40,9 +40,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--heavy-mask", type=float, default=0.8,
                         help="masking probability of the ambiguous corruption")
-    args = parser.parse_args(argv)
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     data = images_from_args(args)
     epochs = 60 if args.quick else args.epochs
     hidden = (256,) if args.quick else (500,)
@@ -87,10 +85,7 @@ def main(argv=None):
     metrics["ambiguous_blur_restored"] = blur(restored)
     metrics["ambiguous_blur_clean"] = blur(x_test)
     metrics["ambiguous_blur_nearest_training"] = blur(neighbours[:, 0])
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"Denoising auto-encoders on {data.name} ({epochs} epochs)", metrics)
-    return metrics
+    return finish(args.out, f"Denoising auto-encoders on {data.name} ({epochs} epochs)", metrics, start)
 
 
 if __name__ == "__main__":

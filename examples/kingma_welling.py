@@ -24,7 +24,7 @@ from guides.vae import GaussianEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def manifold(model, size):
@@ -42,9 +42,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--activation", default="tanh", help="the paper's hidden units are tanh")
-    args = parser.parse_args(argv)
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     data = images_from_args(args)
     epochs = 30 if args.quick else args.epochs
     hidden = (128,) if args.quick else (args.hidden,)
@@ -74,10 +72,7 @@ def main(argv=None):
                       title="Train (solid) and test (dashed) lower bound")
     plots.image_grid(torch.cat(samples), os.path.join(args.out, "samples.png"), nrow=10,
                      row_labels=[f"Nz={nz}" for nz in dims], title="Random samples (means of p(x | z))")
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"Kingma & Welling analogue on {data.name} ({epochs} epochs)", metrics)
-    return metrics
+    return finish(args.out, f"Kingma & Welling analogue on {data.name} ({epochs} epochs)", metrics, start)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from guides.vae import DeltaEncoder, GaussianEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import data_plate, fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def gmm_density(z, num_data=None, *, num_components=10, init_locs=None):
@@ -55,9 +55,7 @@ def main(argv=None):
     parser.add_argument("--components", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=128)
-    args = parser.parse_args(argv)
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     data = images_from_args(args)
     epochs = 60 if args.quick else args.epochs
     hidden = (256,) if args.quick else (500,)
@@ -99,10 +97,7 @@ def main(argv=None):
         metrics["ae_gmm_test_code_loglik"] = float(gmm.log_prob(test_codes).mean())
     metrics["vae_val_elbo"] = vae_fit.val_elbo
     metrics["gmm_train_loglik_per_code"] = mixture_fit.elbo
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"Sampling from latent spaces on {data.name} (latent {d})", metrics)
-    return metrics
+    return finish(args.out, f"Sampling from latent spaces on {data.name} (latent {d})", metrics, start)
 
 
 if __name__ == "__main__":

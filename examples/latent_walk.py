@@ -21,7 +21,7 @@ from guides.vae import GaussianEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def latent_walk(num_frames, latent_dim, step, generator=None):
@@ -42,11 +42,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--step", type=float, default=0.15, help="a in (0, 1): the walk's step")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not 0 < args.step < 1:
         parser.error(f"--step must lie in (0, 1), got {args.step}")
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
     data = images_from_args(args)
     epochs = 40 if args.quick else args.epochs
     hidden = (128,) if args.quick else (500,)
@@ -64,10 +62,8 @@ def main(argv=None):
     metrics = {"dataset": data.name, "frames": frames, "gif": os.path.basename(gif),
                "mean_code_step": float((z[1:] - z[:-1]).norm(dim=1).mean()),
                "mean_frame_change": float((images[1:] - images[:-1]).abs().mean()),
-               "vae_val_elbo": result.val_elbo, "seconds": time.perf_counter() - start}
-    write_metrics(args.out, metrics)
-    print_summary(f"Latent random walk on {data.name} (latent {args.latent_dim})", metrics)
-    return metrics
+               "vae_val_elbo": result.val_elbo}
+    return finish(args.out, f"Latent random walk on {data.name} (latent {args.latent_dim})", metrics, start)
 
 
 if __name__ == "__main__":

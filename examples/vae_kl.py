@@ -22,7 +22,7 @@ from guides.vae import GaussianEncoder
 from models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def main(argv=None):
@@ -32,9 +32,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=100)
-    args = parser.parse_args(argv)
-    if args.quick:  # tiny networks: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     data = images_from_args(args)
     epochs = 40 if args.quick else args.epochs
     hidden = (128,) if args.quick else (args.hidden,)
@@ -55,10 +53,7 @@ def main(argv=None):
                          title=f"Means of p(x | z), z ~ p(z): {label}")
     plots.elbo_curves(histories, os.path.join(args.out, "elbo_curves.png"), x="epoch",
                       title="Gaussian VAE: analytic vs Monte Carlo KL")
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"Lecture VAE on {data.name}: analytic vs Monte Carlo KL ({epochs} epochs)", metrics)
-    return metrics
+    return finish(args.out, f"Lecture VAE on {data.name}: analytic vs Monte Carlo KL ({epochs} epochs)", metrics, start)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ mu_N = tau_N^2 (mu0/tau0^2 + sum_i x_i / sigma^2).
 
 import pyro
 import pyro.distributions as dist
-import torch
 
 from vi_toolkit.plates import data_plate
 

@@ -8,10 +8,12 @@ each script prints a short summary at the end.
 import argparse
 import json
 import os
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")  # scripts write PNG files; no display needed
+import torch  # noqa: E402
 
 
 def script_parser(description, default_out):
@@ -40,3 +42,21 @@ def print_summary(title, metrics):
     for key, value in metrics.items():
         text = f"{value:.6g}" if isinstance(value, float) else str(value)
         print(f"  {key:<36} {text}")
+
+
+def parse_args(parser, argv=None):
+    """Parse a script's arguments; a ``--quick`` run uses one torch thread, since its tiny
+    networks run faster on one thread than on several competing ones."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        torch.set_num_threads(1)
+    return args
+
+
+def finish(out, title, metrics, start=None):
+    """Add the seconds since ``start``, write ``metrics.json``, print the summary; return metrics."""
+    if start is not None:
+        metrics["seconds"] = time.perf_counter() - start
+    write_metrics(out, metrics)
+    print_summary(title, metrics)
+    return metrics
