@@ -21,5 +21,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	for script in benchmarks/*.py; do \
+		$(PY) $$script --quick --out out/bench/$$(basename $$script .py) || exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) out .pytest_cache
