@@ -185,3 +185,142 @@ def inference_gaps(points, path, *, title="Inference gaps per data point"):
     ax.set_title(title)
     ax.legend()
     return save(fig, path)
+
+
+def bar_chart(values, path, *, ylabel, title=None):
+    """One bar per ``label -> value`` (e.g. seconds per epoch of several implementations)."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(values)), 4))
+    ax.bar(range(len(values)), list(values.values()), color=[f"C{i % 10}" for i in range(len(values))])
+    ax.set_xticks(range(len(values)), list(values), rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return save(fig, path)
+
+
+def mixture_ellipses(x, locs, covariances, path, *, labels=None, weights=None,
+                     title="Gaussian mixture: points and 1- and 2-sigma ellipses"):
+    """Points (first two dimensions) coloured by ``labels``, each component's ellipses.
+
+    ``locs`` (K, D) and ``covariances`` (K, D, D) of the fitted components.
+    """
+    x = np.asarray(torch.as_tensor(x).detach().cpu())[:, :2]
+    locs = np.asarray(torch.as_tensor(locs).detach().cpu())[:, :2]
+    covs = np.asarray(torch.as_tensor(covariances).detach().cpu())[:, :2, :2]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colors = None if labels is None else [plt.cm.tab10(int(k) % 10) for k in np.asarray(labels)]
+    ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.5, c=colors if colors is not None else "grey")
+    t = np.linspace(0, 2 * np.pi, 100)
+    circle = np.stack([np.cos(t), np.sin(t)])
+    for k, (m, c) in enumerate(zip(locs, covs)):
+        evals, evecs = np.linalg.eigh(c)
+        for r in (1, 2):
+            pts = m[:, None] + r * evecs @ (np.sqrt(np.maximum(evals, 0))[:, None] * circle)
+            ax.plot(pts[0], pts[1], color=plt.cm.tab10(k % 10), lw=1.5 if r == 1 else 0.8)
+        label = f"{k}" if weights is None else f"{k}: w={float(weights[k]):.2f}"
+        ax.plot(*m, "k+", ms=10)
+        ax.annotate(label, m, xytext=(5, 5), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def model_selection(ks, curves, path, *, chosen=None, xlabel="K", title="Choosing K"):
+    """One line per criterion in ``curves`` (label -> values per k, nats per point) against ``ks``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in curves.items():
+        ax.plot(ks, values, "o-", label=label)
+    if chosen is not None:
+        ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen: {chosen}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("nats / data point")
+    ax.set_xticks(list(ks))
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def state_sequences(sequences, lengths, states, marginals, path, *, num=3,
+                    title="Decoded states (Viterbi) and posterior state marginals"):
+    """For ``num`` sequences: observations coloured by decoded state, then p(z_t = k | x).
+
+    ``sequences`` (N, T) or (N, T, D) (the first dimension is drawn), ``states`` (N, T)
+    and ``marginals`` (N, T, K), padded beyond ``lengths``.
+    """
+    seqs = torch.as_tensor(sequences).detach().cpu()
+    seqs = (seqs[..., 0] if seqs.dim() == 3 else seqs).float().numpy()
+    states = torch.as_tensor(states).detach().cpu().numpy()
+    marginals = torch.as_tensor(marginals).detach().cpu().numpy()
+    num = min(num, len(seqs))
+    fig, axes = plt.subplots(2 * num, 1, figsize=(9, 2.6 * num), squeeze=False)
+    K = marginals.shape[-1]
+    for i in range(num):
+        T = int(lengths[i])
+        t = np.arange(T)
+        ax = axes[2 * i, 0]
+        ax.plot(t, seqs[i, :T], color="lightgrey", lw=0.8, zorder=0)
+        ax.scatter(t, seqs[i, :T], c=[plt.cm.tab10(int(k) % 10) for k in states[i, :T]], s=10)
+        ax.set_ylabel(f"seq {i}: x")
+        ax.set_xlim(-0.5, T - 0.5)
+        ax = axes[2 * i + 1, 0]
+        ax.stackplot(t, marginals[i, :T].T, colors=[plt.cm.tab10(k % 10) for k in range(K)],
+                     labels=[f"state {k}" for k in range(K)], step="mid")
+        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.5, T - 0.5)
+        ax.set_ylabel("p(z_t | x)")
+    axes[1, 0].legend(loc="upper right", fontsize=7, ncol=K)
+    axes[-1, 0].set_xlabel("t")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def subspace_comparison(x, pca_axes, W, mean, path, *, title="PCA and PPCA principal subspaces"):
+    """Data projected on the first two principal axes, with PCA's axes and PPCA's W columns.
+
+    ``pca_axes`` (D, 2) orthonormal principal directions; ``W`` (D, q) the fitted PPCA
+    loadings, projected into the same plane (arrows from the mean).
+    """
+    as_np = lambda t: np.asarray(torch.as_tensor(t).detach().cpu(), dtype=float)  # noqa: E731
+    x, U, W, mean = as_np(x), as_np(pca_axes)[:, :2], as_np(W), as_np(mean)
+    proj = (x - mean) @ U
+    scale = proj.std(0)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(proj[:, 0], proj[:, 1], s=4, alpha=0.4, color="grey", label="data")
+    for j in range(2):
+        end = scale[j] * np.eye(2)[j]
+        ax.plot([-end[0], end[0]], [-end[1], end[1]], color="C0", lw=2,
+                label="PCA axes (±1 sd)" if j == 0 else None)
+    Wp = W.T @ U
+    t = np.linspace(0, 2 * np.pi, 200)
+    ring = np.stack([np.cos(t), np.sin(t)] + [0 * t] * (W.shape[1] - 2))[:W.shape[1]]
+    ax.plot(*(Wp.T @ ring), color="C3", lw=1.5, label="PPCA: {W u : |u| = 1} (projected)")
+    for j, w in enumerate(Wp):
+        ax.annotate("", xy=w, xytext=(0, 0), arrowprops=dict(arrowstyle="->", color="C3", lw=2))
+        ax.annotate(f"W[:, {j}]", w, color="C3", fontsize=8)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def gap_to_bound(histories, bound, path, *, x="step", title="Gap to the maximum log-likelihood"):
+    """bound - ELBO per data point (log scale) of one or more fits: how close each gets."""
+    if "elbo" in histories:
+        histories = {"fit": histories}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (label, h) in enumerate(histories.items()):
+        gap = np.maximum(bound - np.asarray(h["elbo"], dtype=float), 1e-6)
+        ax.semilogy(h[x], gap, color=f"C{i}", label=f"{label}: final {gap[-1]:.3g}")
+    ax.set_xlabel(x)
+    ax.set_ylabel("L_max - ELBO (nats / data point)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return save(fig, path)

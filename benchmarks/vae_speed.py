@@ -1,0 +1,182 @@
+"""Seconds per epoch of one MLP VAE in four implementations, side by side in one process.
+
+The Bernoulli VAE of ``models.vae`` / ``guides.vae`` (784-H-Z, softplus, one hidden layer),
+statically binarized images, Adam at the same learning rate, the same batch size, and the
+same objective (the single-sample Monte Carlo ELBO of Pyro's ``Trace_ELBO``):
+
+* ``fit``         ``vi_toolkit.fit(..., elbo="trace")``;
+* ``pyro loop``   Pyro's VAE tutorial: ``SVI.step`` over a ``DataLoader``
+  (``vae_vs_pyro_loop.pyro_loop``);
+* ``torch``       the same networks and estimator written directly in PyTorch
+  (log p(x | z) + log p(z) - log q(z | x) at z = mu + sigma * eps);
+* ``numpyro``     NumPyro's SVI with stax networks of the same sizes, each epoch one jitted
+  ``lax.fori_loop`` (the ``bench`` extra; skipped with a note if it is not installed).
+
+For each batch size it prints seconds per epoch (the median over the timed epochs, after
+one warm-up epoch), the ratio to ``fit``, and the training ELBO per point each reached in
+its last epoch, so that equal work is visible.
+"""
+
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from guides.vae import GaussianEncoder
+from models.vae import DeepLatentGaussian
+from vae_vs_pyro_loop import pyro_loop
+from vi_toolkit import fit, plots
+from vi_toolkit.datasets import add_data_arguments, images_from_args
+from vi_toolkit.scripts import finish, parse_args, script_parser
+
+
+def networks(shape, hidden, latent, seed):
+    torch.manual_seed(seed)
+    return (DeepLatentGaussian(shape, latent, hidden=(hidden,), activation="softplus"),
+            GaussianEncoder(shape, latent, hidden=(hidden,), activation="softplus"))
+
+
+def per_epoch(times):
+    """Median seconds per epoch after the first (warm-up) epoch, from cumulative end times."""
+    steps = np.diff([0.0, *times])
+    return statistics.median(steps[1:]) if len(steps) > 1 else steps[0]
+
+
+def run_fit(x, args, batch):
+    model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
+    result = fit(model, guide, x, elbo="trace", batch_size=batch, num_epochs=args.epochs, lr=args.lr,
+                 seed=args.seed, progress=False)
+    return per_epoch(result.history["time"]), result.elbo
+
+
+def run_pyro_loop(x, args, batch):
+    model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
+    history = pyro_loop(model, guide, x, epochs=args.epochs, batch_size=batch, lr=args.lr, dynamic=False,
+                        seed=args.seed, device=x.device)
+    return per_epoch(history["time"]), history["elbo"][-1]
+
+
+def run_torch(x, args, batch):
+    model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
+    encoder, decoder = guide.encoder, model.decoder
+    optim = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr)
+    normal = torch.distributions.Normal
+    n, times, start = x.shape[0], [], time.perf_counter()
+    for _ in range(args.epochs):
+        total = x.new_zeros(())
+        perm = torch.randperm(n)
+        for i in range(0, n, batch):
+            xb = x[perm[i:i + batch]]
+            loc, log_var = encoder(xb)
+            scale = (0.5 * log_var).exp()
+            z = loc + scale * torch.randn_like(loc)
+            logits, = decoder(z)
+            log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
+            elbo = log_lik + normal(0.0, 1.0).log_prob(z).sum() - normal(loc, scale).log_prob(z).sum()
+            loss = -elbo * n / xb.shape[0]
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            total += loss.detach()
+        times.append(time.perf_counter() - start)
+        last = -float(total) / (n / batch) / n
+    return per_epoch(times), last
+
+
+def run_numpyro(x, args, batch):
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as nd
+    from jax.example_libraries import stax
+    from numpyro.infer import SVI, Trace_ELBO
+
+    n, pixels, h, d = x.shape[0], x[0].numel(), args.hidden, args.latent_dim
+    xs = jnp.asarray(x.reshape(n, -1).cpu().numpy())
+    encoder = stax.serial(stax.Dense(h), stax.Softplus, stax.Dense(2 * d))
+    decoder = stax.serial(stax.Dense(h), stax.Softplus, stax.Dense(pixels))
+
+    def model(xb):
+        dec = numpyro.module("decoder", decoder, (batch, d))
+        with numpyro.plate("data", n, subsample_size=xb.shape[0]):
+            z = numpyro.sample("z", nd.Normal(0.0, 1.0).expand([d]).to_event(1))
+            numpyro.sample("x", nd.Bernoulli(logits=dec(z)).to_event(1), obs=xb)
+
+    def guide(xb):
+        enc = numpyro.module("encoder", encoder, (batch, pixels))
+        loc, log_var = jnp.split(enc(xb), 2, axis=-1)
+        with numpyro.plate("data", n, subsample_size=xb.shape[0]):
+            numpyro.sample("z", nd.Normal(loc, jnp.exp(0.5 * log_var)).to_event(1))
+
+    svi = SVI(model, guide, numpyro.optim.Adam(args.lr), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(args.seed), xs[:batch])
+    steps = n // batch  # fixed-size batches: one compiled step
+
+    @jax.jit
+    def epoch(state, key):
+        perm = jax.random.permutation(key, n)
+
+        def body(i, carry):
+            state, total = carry
+            state, loss = svi.update(state, xs[jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)])
+            return state, total + loss
+
+        return jax.lax.fori_loop(0, steps, body, (state, 0.0))
+
+    times, start = [], time.perf_counter()
+    for e in range(args.epochs):
+        state, total = epoch(state, jax.random.PRNGKey(args.seed + e))
+        total.block_until_ready()
+        times.append(time.perf_counter() - start)
+    return per_epoch(times), -float(total) / steps / n
+
+
+IMPLEMENTATIONS = {"fit": run_fit, "pyro loop": run_pyro_loop, "torch": run_torch, "numpyro": run_numpyro}
+
+
+def main(argv=None):
+    parser = add_data_arguments(script_parser(__doc__.splitlines()[0], "out/vae_speed"),
+                                default="fashion-mnist", binarize="static")
+    parser.add_argument("--hidden", type=int, default=400)
+    parser.add_argument("--latent-dim", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parse_args(parser, argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
+    x = images_from_args(args).train
+    start = time.perf_counter()
+    metrics = {"dataset": args.dataset if not args.quick else "digits", "points": x.shape[0],
+               "architecture": f"{x[0].numel()}-{args.hidden}-{args.latent_dim}",
+               "threads": torch.get_num_threads(), "epochs": args.epochs}
+    table = []
+    for name, run in IMPLEMENTATIONS.items():  # NumPyro last: JAX's thread pool stays busy after it
+        for batch in args.batch_sizes:
+            try:
+                seconds, elbo = run(x, args, batch)
+            except ImportError as err:
+                print(f"{name}: skipped ({err}); install the bench extra")
+                continue
+            key = name.replace(" ", "_")
+            metrics[f"b{batch}_{key}_seconds_per_epoch"] = seconds
+            metrics[f"b{batch}_{key}_train_elbo"] = elbo
+            table.append((batch, name, seconds, elbo))
+    print(f"\n{'batch':>6} {'implementation':<12} {'s/epoch':>9} {'vs fit':>7} {'train ELBO':>11}")
+    for batch, name, seconds, elbo in sorted(table, key=lambda row: row[0]):
+        ratio = seconds / metrics[f"b{batch}_fit_seconds_per_epoch"]
+        metrics[f"b{batch}_{name.replace(' ', '_')}_vs_fit"] = ratio
+        print(f"{batch:>6} {name:<12} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}")
+    plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
+                    os.path.join(args.out, "seconds_per_epoch.png"), ylabel="seconds per epoch",
+                    title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}")
+    return finish(args.out, "VAE seconds per epoch: fit, Pyro loop, PyTorch, NumPyro", metrics, start)
+
+
+if __name__ == "__main__":
+    main()
