@@ -17,7 +17,8 @@ The states are summed out exactly by the forward algorithm,
     log p(x_{1:T}) = log sum_k alpha_T(k),
 as Pyro's ``DiscreteHMM`` distribution (a parallel scan over time). Enumerating the states
 instead, with a ``pyro.markov`` loop and ``TraceEnum_ELBO``, gives the same number but is
-slower (measured on 200 sequences of up to 100 steps, K = 3: see the project's report).
+about 11 times slower (one loss and gradient on 200 sequences of up to 100 steps, K = 3, on
+one CPU thread: 15 ms against 170 ms).
 :func:`posterior_marginals` (forward-backward) and :func:`viterbi` work in log space on
 the same quantities.
 """
