@@ -40,6 +40,7 @@ share of each batch from it. Callbacks run in every process (with identical
 parameters and history); work only rank 0 should do can test :func:`rank`.
 """
 
+import atexit
 import datetime
 import os
 
@@ -101,7 +102,15 @@ def setup(device="auto", timeout=DEFAULT_TIMEOUT):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        # a group left open at exit can abort the process ("terminate called without an
+        # active exception" from the backend's threads): close what this module opened
+        atexit.register(_close)
     return device
+
+
+def _close():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class DataParallel:
