@@ -19,7 +19,7 @@ from guides.gmm import select_K
 from models.gmm import GaussianMixture
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
         "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
@@ -55,9 +55,7 @@ def main(argv=None):
     parser.add_argument("--covariance", choices=("diag", "full"), default="full")
     parser.add_argument("--guide", choices=("map", "meanfield"), default="map")
     parser.add_argument("--restarts", type=int, default=2, help="fits per K from different seedings")
-    args = parser.parse_args(argv)
-    if args.quick:  # small tensors: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     start = time.perf_counter()
     x, x_test, truth = load_data(args)
     kmax = min(args.kmax, 4) if args.quick else args.kmax

@@ -22,7 +22,7 @@ from guides.hmm import fit_hmm
 from models.hmm import HiddenMarkovModel, pad_sequences
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 TRUE = {"initial": torch.tensor([0.6, 0.3, 0.1]),
         "transition": torch.tensor([[0.90, 0.05, 0.05], [0.10, 0.80, 0.10], [0.05, 0.15, 0.80]]),
@@ -89,9 +89,7 @@ def main(argv=None):
     parser.add_argument("--K", type=int, default=3, help="hidden states (for --data)")
     parser.add_argument("--num-sequences", type=int, default=200, help="simulated sequences (train and test each)")
     parser.add_argument("--restarts", type=int, default=3)
-    args = parser.parse_args(argv)
-    if args.quick:  # small tensors: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     start = time.perf_counter()
     (x, lengths, z), (x_test, lengths_test, z_test), hmm, truth = load_data(args)
     result, guide = fit_hmm(hmm, x, lengths, seed=args.seed, device=args.device,
@@ -112,10 +110,7 @@ def main(argv=None):
             hmm.viterbi(x_test, lengths_test, truth), z_test, hmm.K)
     plots.state_sequences(x_test, lengths_test, paths, marginals, os.path.join(args.out, "states.png"),
                           title=f"Held-out sequences: Viterbi states (colours) and p(z_t | x), K = {hmm.K}")
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"HMM ({hmm.emission} emissions) on {metrics['data']} sequences", metrics)
-    return metrics
+    return finish(args.out, f"HMM ({hmm.emission} emissions) on {metrics['data']} sequences", metrics, start)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from guides.ppca import LinearEncoder, PointwiseGuide
 from models.ppca import PPCA
 from vi_toolkit import fit, plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
 def load_data(args):
@@ -48,9 +48,7 @@ def main(argv=None):
     parser.add_argument("--q", type=int, default=2, help="latent dimension")
     parser.add_argument("--n", type=int, default=2000, help="simulated points")
     parser.add_argument("--steps", type=int, default=3000)
-    args = parser.parse_args(argv)
-    if args.quick:  # small tensors: one thread is faster than several competing ones
-        torch.set_num_threads(1)
+    args = parse_args(parser, argv)
     start = time.perf_counter()
     x = load_data(args)
     N, D = x.shape
@@ -83,10 +81,7 @@ def main(argv=None):
                         "per-point mean field": pointwise.history}, L_max,
                        os.path.join(args.out, "elbo_gap.png"),
                        title="PPCA: L_max - ELBO per data point")
-    metrics["seconds"] = time.perf_counter() - start
-    write_metrics(args.out, metrics)
-    print_summary(f"PPCA (q = {args.q}) on {metrics['data']} data: VI against the closed form", metrics)
-    return metrics
+    return finish(args.out, f"PPCA (q = {args.q}) on {metrics['data']} data: VI against the closed form", metrics, start)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -12,6 +13,28 @@ sys.path.insert(0, ROOT)
 # the tests' models are tiny: one thread avoids paying for thread wake-ups on every small op
 # (a 3x3 lower-triangular transform takes milliseconds with two threads on a loaded machine)
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def load_main():
+    """``load_main("examples/x.py")``: the ``main`` function of a script of the repository."""
+
+    def load(relpath):
+        name = os.path.splitext(os.path.basename(relpath))[0]
+        spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, relpath))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    return load
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after a script that sets its own (--quick uses one)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

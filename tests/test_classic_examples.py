@@ -1,40 +1,27 @@
 """Smoke tests of the GMM, HMM and PPCA examples (--quick), and of reading a user's data file."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 
 from vi_toolkit.io import load_array
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_main(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def run(load_main, keep_threads):
+    """Run an example with --quick; check its metrics.json holds what it returned."""
+
+    def run(name, tmp_path, *extra):
+        metrics = load_main(f"examples/{name}.py")(["--quick", "--out", str(tmp_path), "--device", "cpu",
+                                                     *extra])
+        with open(tmp_path / "metrics.json") as f:
+            assert json.load(f) == json.loads(json.dumps(metrics, default=float))
+        return metrics
+
+    return run
 
 
-def run(name, tmp_path, *extra):
-    metrics = load_main(name)(["--quick", "--out", str(tmp_path), "--device", "cpu", *extra])
-    with open(tmp_path / "metrics.json") as f:
-        assert json.load(f) == json.loads(json.dumps(metrics, default=float))
-    return metrics
-
-
-def test_gmm_example(tmp_path, keep_threads, capsys):
+def test_gmm_example(tmp_path, run, capsys):
     m = run("gmm", tmp_path)
     for png in ("mixture.png", "select_K.png"):
         assert (tmp_path / png).stat().st_size > 0
@@ -44,14 +31,14 @@ def test_gmm_example(tmp_path, keep_threads, capsys):
     assert "chosen_K" in capsys.readouterr().out
 
 
-def test_hmm_example(tmp_path, keep_threads):
+def test_hmm_example(tmp_path, run):
     m = run("hmm", tmp_path)
     assert (tmp_path / "states.png").stat().st_size > 0
     assert abs(m["heldout_loglik_per_step"] - m["true_params_heldout_loglik_per_step"]) < 0.02
     assert m["viterbi_state_accuracy"] > m["viterbi_state_accuracy_true_params"] - 0.02
 
 
-def test_ppca_example(tmp_path, keep_threads):
+def test_ppca_example(tmp_path, run):
     m = run("ppca", tmp_path)
     for png in ("subspace.png", "elbo_gap.png"):
         assert (tmp_path / png).stat().st_size > 0
@@ -60,7 +47,7 @@ def test_ppca_example(tmp_path, keep_threads):
     assert m["amortized_subspace_angle_deg"] < 1
 
 
-def test_examples_read_the_users_csv_and_npy(tmp_path, keep_threads):
+def test_examples_read_the_users_csv_and_npy(tmp_path, run):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-3, 1, (60, 2)), rng.normal(3, 1, (60, 2))])
     np.savetxt(tmp_path / "points.csv", x, delimiter=",", header="a,b", comments="")
@@ -75,7 +62,7 @@ def test_examples_read_the_users_csv_and_npy(tmp_path, keep_threads):
     assert m["num_train_sequences"] + m["num_test_sequences"] == 6
 
 
-def test_bad_files_are_value_errors_naming_the_file(tmp_path):
+def test_bad_files_are_value_errors_naming_the_file(tmp_path, run):
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1.0,2.0\n3.0,abc\n")
     with pytest.raises(ValueError, match=r"bad.csv: line 3, column 2: 'abc' is not a number"):
@@ -96,4 +83,4 @@ def test_bad_files_are_value_errors_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"v.npy: expected a 2-D array, got shape \(3,\)"):
         load_array(tmp_path / "v.npy", ndim=2)
     with pytest.raises(ValueError, match="bad.csv: line 3"):
-        load_main("gmm")(["--quick", "--out", str(tmp_path / "o"), "--data", str(bad)])
+        run("gmm", tmp_path / "o", "--data", str(bad))

@@ -1,11 +1,9 @@
 """Smoke tests: each auto-encoder / VAE example script runs with --quick and writes its outputs."""
 
-import importlib.util
 import json
 import os
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,22 +21,8 @@ SCRIPTS = {
 }
 
 
-def load_main(relpath):
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], os.path.join(ROOT, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_example_quick(script, tmp_path, keep_threads, capsys, monkeypatch):
+def test_example_quick(script, tmp_path, load_main, keep_threads, capsys, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # benchmarks import each other
     metrics = load_main(script)(["--quick", "--out", str(tmp_path), "--device", "cpu"])
     for name in SCRIPTS[script] + ["metrics.json"]:
