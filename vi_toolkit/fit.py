@@ -420,7 +420,7 @@ class _Fit:
             "config": dict(self.config),
             "params": {k: p.detach().clone() for k, p in self.params.items()},
             "buffers": buffers,
-            "optimizer": _clone(self.optim.state_dict()),
+            "optimizer": _map_tensors(lambda t: t.detach().clone(), self.optim.state_dict()),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "history": {k: list(v) for k, v in self.history.items()},
             "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos,
@@ -481,7 +481,7 @@ class _Fit:
             state["rng_ranks"] = self.dist.gather_objects(state["rng"])
             if self.dist.rank != 0:
                 return
-        save_checkpoint(self.checkpoint, _to_cpu(state))
+        save_checkpoint(self.checkpoint, _map_tensors(torch.Tensor.cpu, state))
 
     def result(self):
         return FitResult(self.model, self.guide, self.history, dict(self.config),
@@ -662,23 +662,14 @@ class _Fit:
             step=step, last_elbo=last, site=site, result=self.result())
 
 
-def _clone(obj):
+def _map_tensors(fn, obj):
+    """``obj`` (nested dicts, lists and tuples) with ``fn`` applied to every tensor in it."""
     if torch.is_tensor(obj):
-        return obj.detach().clone()
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    return obj
-
-
-def _to_cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(_map_tensors(fn, v) for v in obj)
     return obj
 
 
