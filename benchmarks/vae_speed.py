@@ -1,10 +1,12 @@
-"""Seconds per epoch of one MLP VAE in four implementations, side by side in one process.
+"""Seconds per epoch of one MLP VAE in five implementations, side by side in one process.
 
 The Bernoulli VAE of ``models.vae`` / ``guides.vae`` (784-H-Z, softplus, one hidden layer),
 statically binarized images, Adam at the same learning rate, the same batch size, and the
 same objective (the single-sample Monte Carlo ELBO of Pyro's ``Trace_ELBO``):
 
-* ``fit``         ``vi_toolkit.fit(..., elbo="trace")``;
+* ``fit``         ``vi_toolkit.fit(..., elbo="trace")``, its float32 linear layers by oneDNN
+  on CPUs where torch's MKL does not use the full vector width (``vi_toolkit.linear``);
+* ``fit (torch BLAS)``  the same with ``linear_backend="torch"``: torch's own matrix products;
 * ``pyro loop``   Pyro's VAE tutorial: ``SVI.step`` over a ``DataLoader``
   (``vae_vs_pyro_loop.pyro_loop``);
 * ``torch``       the same networks and estimator written directly in PyTorch
@@ -29,7 +31,7 @@ from models.vae import DeepLatentGaussian
 from vae_vs_pyro_loop import pyro_loop
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, script_parser, use_cores
 
 
 def networks(shape, hidden, latent, seed):
@@ -41,14 +43,18 @@ def networks(shape, hidden, latent, seed):
 def per_epoch(times):
     """Median seconds per epoch after the first (warm-up) epoch, from cumulative end times."""
     steps = np.diff([0.0, *times])
-    return statistics.median(steps[1:]) if len(steps) > 1 else steps[0]
+    return float(statistics.median(steps[1:]) if len(steps) > 1 else steps[0])
 
 
-def run_fit(x, args, batch):
+def run_fit(x, args, batch, linear_backend="auto"):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
     result = fit(model, guide, x, elbo="trace", batch_size=batch, num_epochs=args.epochs, lr=args.lr,
-                 seed=args.seed, progress=False)
+                 seed=args.seed, progress=False, linear_backend=linear_backend)
     return per_epoch(result.history["time"]), result.elbo
+
+
+def run_fit_torch_linear(x, args, batch):
+    return run_fit(x, args, batch, linear_backend="torch")
 
 
 def run_pyro_loop(x, args, batch):
@@ -133,7 +139,8 @@ def run_numpyro(x, args, batch):
     return per_epoch(times), -float(total) / steps / n
 
 
-IMPLEMENTATIONS = {"fit": run_fit, "pyro loop": run_pyro_loop, "torch": run_torch, "numpyro": run_numpyro}
+IMPLEMENTATIONS = {"fit": run_fit, "fit (torch BLAS)": run_fit_torch_linear, "pyro loop": run_pyro_loop,
+                   "torch": run_torch, "numpyro": run_numpyro}
 
 
 def main(argv=None):
@@ -144,12 +151,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="run the whole process on this many cores, torch with as many threads "
+                             "(JAX's thread pool is pinned to the same cores); default: all cores")
     args = parse_args(parser, argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
+    if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
+    else:
+        use_cores(args.threads or len(os.sched_getaffinity(0)))
     x = images_from_args(args).train
     start = time.perf_counter()
     metrics = {"dataset": args.dataset if not args.quick else "digits", "points": x.shape[0],

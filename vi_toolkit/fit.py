@@ -36,6 +36,7 @@ from .data import FitData
 from .devices import resolve_device
 from .distributed import DataParallel, DistributedError, launched
 from .elbo import make_elbo
+from .linear import linear_backend, resolve_backend
 from .optim import make_optimizer, make_scheduler
 
 # the settings a resumed fit must share with the fit that wrote the checkpoint
@@ -160,13 +161,15 @@ class _Fit:
                  max_plate_nesting, optimizer, lr, optimizer_args, clip_norm, lr_schedule,
                  batch_size, num_epochs, num_steps, drop_last, val_batch_size, patience,
                  tol_rel_obj, log_every, callbacks, transform, validate, device, seed, progress,
-                 checkpoint, checkpoint_every, distributed):
+                 checkpoint, checkpoint_every, distributed, linear_backend):
         if distributed not in ("auto", True, False):
             raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         self.dist = DataParallel(device) if distributed is True or (
             distributed == "auto" and launched()) else None
         self.device = resolve_device(device) if self.dist is None else self.dist.device
         self.model, self.guide = model, guide
+        self.linear_backend = linear_backend
+        resolve_backend(linear_backend, self.device)  # an unknown name fails before any work
         self.data = FitData(data, name="data", device=self.device)
         self.val = None
         if val_data is not None:
@@ -279,6 +282,15 @@ class _Fit:
 
     def device_context(self):
         return torch.device(self.device) if self.device.type != "cpu" else contextlib.nullcontext()
+
+    def linear_context(self):
+        """oneDNN for the float32 linear layers of the fit, where chosen (:mod:`vi_toolkit.linear`);
+        ``"auto"`` considers it only for a model or guide with ``nn.Linear`` layers."""
+        layers = any(isinstance(layer, torch.nn.Linear)
+                     for module in _modules(self.model, self.guide).values() for layer in module.modules())
+        backend = self.linear_backend if layers or self.linear_backend != "auto" else "torch"
+        self.config["linear_backend"] = resolve_backend(backend, self.device)
+        return linear_backend(backend, self.device)
 
     def initialise(self):
         """Run guide and model once: create (lazy) parameters, pick the ELBO, check plates."""
@@ -558,7 +570,7 @@ class _Fit:
                 self.seed = self.config["seed"] = self.dist.broadcast_object(self.seed)
                 resume = self.dist.broadcast_object(resume)
             pyro.set_rng_seed(self.seed)
-            with self.device_context():
+            with self.device_context(), self.linear_context():
                 self.initialise()
                 if self.dist is not None:  # identical parameters, independent guide noise
                     self.dist.broadcast_(list(self.params.values()))
@@ -678,7 +690,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
         lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, drop_last=False,
         val_data=None, val_batch_size=None, patience=None, tol_rel_obj=None, log_every=None,
         callbacks=(), transform=None, validate="first", device="auto", seed=None, progress=True,
-        checkpoint=None, checkpoint_every=None, resume=False, distributed="auto"):
+        checkpoint=None, checkpoint_every=None, resume=False, distributed="auto",
+        linear_backend="auto"):
     """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
 
     Args:
@@ -717,6 +730,10 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
             batch), every process keeps identical parameters;
             only rank 0 shows progress and writes checkpoints (see
             :mod:`vi_toolkit.distributed`).
+        linear_backend: ``"auto"``, ``"onednn"`` or ``"torch"``: which library computes the
+            float32 linear layers on the CPU (:mod:`vi_toolkit.linear`; ``"auto"``: oneDNN
+            where torch's MKL does not use the CPU's full vector width, i.e. on non-Intel
+            CPUs, for a model or guide with ``nn.Linear`` layers).
 
     Returns:
         :class:`FitResult`. Raises ``ValueError`` for bad input and
@@ -730,7 +747,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, vectorize_particles
                patience=patience, tol_rel_obj=tol_rel_obj, log_every=log_every,
                callbacks=callbacks, transform=transform, validate=validate, device=device, seed=seed,
                progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-               distributed=distributed)
+               distributed=distributed, linear_backend=linear_backend)
     if resume is True:
         if checkpoint is None:
             raise ValueError("resume=True needs checkpoint=PATH to resume from")

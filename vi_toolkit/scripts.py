@@ -53,6 +53,23 @@ def parse_args(parser, argv=None):
     return args
 
 
+def use_cores(n):
+    """Run this process on ``n`` CPU cores with ``n`` torch threads; returns the cores.
+
+    Every thread of the process, and every thread it starts later (a peer's thread pool:
+    JAX/XLA, BLAS), is pinned to the same first ``n`` of the cores it may use, so that
+    implementations compared in one process get the same hardware. Linux only.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if not isinstance(n, int) or not 1 <= n <= len(available):
+        raise ValueError(f"--threads must be between 1 and the {len(available)} cores available, got {n!r}")
+    cores = set(available[:n])
+    for task in os.listdir("/proc/self/task"):  # the threads already running
+        os.sched_setaffinity(int(task), cores)
+    torch.set_num_threads(n)
+    return sorted(cores)
+
+
 def finish(out, title, metrics, start=None):
     """Add the seconds since ``start``, write ``metrics.json``, print the summary; return metrics."""
     if start is not None:
