@@ -324,3 +324,17 @@ def gap_to_bound(histories, bound, path, *, x="step", title="Gap to the maximum 
     ax.legend()
     ax.grid(alpha=0.3, which="both")
     return save(fig, path)
+
+
+def scaling(xs, curves, path, *, xlabel, ylabel="seconds per epoch", title=None):
+    """Log-log lines, one per ``label -> values`` in ``curves``, against ``xs``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in curves.items():
+        ax.loglog(xs, values, "o-", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    return save(fig, path)
