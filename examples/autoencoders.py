@@ -5,10 +5,20 @@ q(z | x) = delta(z - f(x)) (``guides.vae.DeltaEncoder``) and a flat prior, so th
 exactly minus the reconstruction loss; the VAE is the same model with a N(0, I) prior and
 a Gaussian guide.
 
-1. Linear auto-encoder (f(x) = U^T x + b, g(z) = W z + c, squared error; full-batch L-BFGS on
-   ``--linear-points`` training images) against PCA by SVD of the same images:
-   test reconstruction error and the largest principal angle between the decoder's column
-   space and the top principal subspace (PCA is the optimum, so both should match).
+1. Linear auto-encoder f(x) = U^T x + b, g(z) = W z + c with squared error
+   sum_i ||x_i - g(f(x_i))||^2, fitted by full-batch L-BFGS on ``--linear-points`` training
+   images, against PCA of the same images. Its optimum is PCA: g(f(x)) is the orthogonal
+   projection of x onto the top-d principal subspace around the mean (the column space of W
+   is that subspace; W itself is any basis of it). PCA here is ``models.ppca.PPCA(D, d)``'s
+   closed-form maximum-likelihood solution (Tipping & Bishop): mu = mean(x) and
+   W_ppca = U_d (L_d - sigma^2 I)^(1/2) with U_d, L_d the top-d eigenvectors and eigenvalues
+   of the sample covariance, so span(W_ppca) is the principal subspace and PCA's
+   reconstruction is x^ = mu + Q Q^T (x - mu) with Q = U_d (the sigma -> 0 limit of PPCA's
+   posterior-mean reconstruction). Compared: the test squared error of both, and the largest
+   principal angle between span(W) and span(W_ppca); PPCA's L_max per training image and its
+   exact test log-likelihood per image are reported too. PPCA needs d < rank of the centred
+   images (pixels constant over the training images, such as the digits' borders, add zero
+   eigenvalues: sigma^2, the mean of the D - d smallest, reaches 0 when d >= the rank).
 2. MLP and convolutional auto-encoders: reconstructions of test images.
 3. Interpolation g((1 - t) f(x) + t f(x')) between random test pairs, auto-encoder and VAE
    side by side.
@@ -21,17 +31,32 @@ import time
 import torch
 
 from guides.vae import DeltaEncoder, GaussianEncoder
+from models.ppca import PPCA
 from models.vae import DeepLatentGaussian
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser
 
 
-def pca(x, dim):
-    """Mean and top-``dim`` principal directions (D, dim) of the rows of ``x``, by SVD."""
-    mean = x.mean(0)
-    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    return mean, vh[:dim].T
+def ppca_pca(x, dim):
+    """PCA of the rows of ``x`` (N, D) through PPCA's maximum-likelihood solution.
+
+    Returns the PPCA ``params`` (``W``, ``mu``, ``sigma``), L_max per point, and Q (D, dim),
+    the orthonormal top-``dim`` principal directions: closed_form's W = U_d (L_d - sigma^2 I)^(1/2)
+    has orthogonal columns of norms (l_j - sigma^2)^(1/2), so Q = W / its column norms (the
+    norms are positive unless l_d equals every smaller eigenvalue, where the subspace is not
+    identified). Raises a ValueError when ``dim`` is not below the rank of the centred ``x`` (then sigma^2 = 0
+    and the maximum-likelihood solution degenerates).
+    """
+    D = x.shape[-1]
+    rank = int(torch.linalg.matrix_rank(x - x.mean(0)))
+    if not 1 <= dim < rank:
+        raise ValueError(f"--linear-dim must be between 1 and {rank - 1}: the {x.shape[0]} centred "
+                         f"training images of {D} pixels have rank {rank}, and PPCA's noise variance "
+                         f"(the mean of the {D} - d smallest covariance eigenvalues) is 0 from d = {rank} on")
+    params, L_max = PPCA(D, dim).closed_form(x)
+    norms = params["W"].norm(dim=0)
+    return params, L_max, params["W"] / norms
 
 
 def max_principal_angle(a, b):
@@ -69,25 +94,28 @@ def main(argv=None):
     shape, x_test = data.shape, data.test
     metrics, start = {"dataset": data.name}, time.perf_counter()
 
-    # 1. linear auto-encoder vs PCA: Gaussian likelihood of fixed variance = squared error
+    # 1. linear auto-encoder vs PCA (PPCA's closed form), both on the first --linear-points
+    # training images; PCA on the CPU (models.ppca builds its identity matrices there)
+    subset = data.train[:args.linear_points]
+    flat_train, flat_test = subset.flatten(1).cpu(), x_test.flatten(1).cpu()
+    ppca, L_max, directions = ppca_pca(flat_train, args.linear_dim)
+    pca_rec = ppca["mu"] + (flat_test - ppca["mu"]) @ directions @ directions.T
+    # Gaussian likelihood of fixed variance = squared error; the loss is deterministic
+    # (point-mass guide), so full-batch L-BFGS reaches the optimum
     lin_model = DeepLatentGaussian(shape, args.linear_dim, likelihood="gaussian_fixed", hidden=(),
                                    prior="flat")
     lin_guide = DeltaEncoder(shape, args.linear_dim, hidden=())
-    # the loss is deterministic (point-mass guide): full-batch L-BFGS reaches the optimum; both
-    # the auto-encoder and PCA see the first --linear-points training images
-    subset = data.train[:args.linear_points]
     fit(lin_model, lin_guide, subset, optimizer="lbfgs", lr=1.0, num_steps=30 if args.quick else 150,
         seed=args.seed, progress=False, device=subset.device)
-    flat_train, flat_test = subset.flatten(1), x_test.flatten(1)
-    mean, directions = pca(flat_train, args.linear_dim)
-    pca_rec = mean + (flat_test - mean) @ directions @ directions.T
-    lin_rec = reconstruct(lin_model, lin_guide, x_test).flatten(1)
-    decoder_weight = lin_model.decoder.body[0].weight.detach()  # (D, d): g(z) = W z + c
+    lin_rec = reconstruct(lin_model, lin_guide, x_test).flatten(1).cpu()
+    decoder_weight = lin_model.decoder.body[0].weight.detach().cpu()  # (D, d): g(z) = W z + c
     metrics["linear_ae_test_sq_error"] = float(((flat_test - lin_rec) ** 2).sum(1).mean())
     metrics["pca_test_sq_error"] = float(((flat_test - pca_rec) ** 2).sum(1).mean())
     metrics["linear_ae_vs_pca_max_angle_deg"] = max_principal_angle(decoder_weight, directions)
+    metrics["ppca_train_loglik_per_point"] = L_max
+    metrics["ppca_test_loglik_per_point"] = float(PPCA(*directions.shape).log_likelihood(flat_test, ppca).mean())
     n = 8
-    plots.image_grid(torch.cat([x_test[:n], lin_rec[:n].reshape(n, *shape), pca_rec[:n].reshape(n, *shape)]),
+    plots.image_grid(torch.cat([flat_test[:n], lin_rec[:n], pca_rec[:n]]).reshape(3 * n, *shape),
                      os.path.join(args.out, "linear_ae_vs_pca.png"), nrow=n,
                      row_labels=["test", "linear AE", "PCA"],
                      title=f"Linear auto-encoder vs PCA, d = {args.linear_dim}")

@@ -6,46 +6,32 @@ z_i = f(x_i) of the training images, sample there and decode with g:
 
 * a factored Gaussian q(z) = N(mu^, diag sigma^2^) estimated on the codes (the lecture's
   unsatisfying result: the codes are not Gaussian, many samples decode to non-images);
-* a Gaussian mixture sum_k pi_k N(mu_k, diag s_k^2), fitted to the codes by maximum likelihood
-  with ``vi_toolkit.fit`` (the mixture is marginalized in the likelihood; the guide is empty);
-  ``models/gmm.py`` is the toolkit's Bayesian mixture, this is its point-estimate cousin
-  kept here so the script needs nothing else;
+* a Gaussian mixture p(z | theta) = sum_k pi_k N(z; mu_k, diag s_k^2), the toolkit's
+  ``models.gmm.GaussianMixture`` (with its weak priors p(theta)) fitted to the codes by
+  ``guides.gmm.fit_gmm`` with the MAP guide: theta^ = argmax log p(theta) + sum_i
+  log p(z_i | theta), the assignments summed out exactly (k-means++ initialisation, full-batch L-BFGS); samples z ~ p(z | theta^);
 * the VAE: z ~ p(z) = N(0, I), which its training made the codes' distribution.
 
-The metrics ``ae_*_test_code_loglik`` are the average log density of the auto-encoder's
-test codes under the two density models (higher: a better model of where codes lie).
+The densities are fitted to the codes of the training images as the auto-encoder saw them
+(binarized, with ``--binarize dynamic``, as the test images are). The metrics
+``ae_*_test_code_loglik`` are the average log density of the auto-encoder's test codes under
+the two density models (higher: a better model of where codes lie);
+``gmm_train_code_loglik`` is the mixture's on the training codes.
 """
 
 import os
 import time
 
-import pyro
 import pyro.distributions as dist
 import torch
-from torch.distributions import constraints
 
+from guides.gmm import fit_gmm
 from guides.vae import DeltaEncoder, GaussianEncoder
+from models.gmm import GaussianMixture
 from models.vae import DeepLatentGaussian
-from vi_toolkit import data_plate, fit, plots
+from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser
-
-
-def gmm_density(z, num_data=None, *, num_components=10, init_locs=None):
-    """p(z) = sum_k pi_k N(z; mu_k, diag s_k^2), every parameter a point estimate."""
-    weights = pyro.param("weights", lambda: z.new_full((num_components,), 1.0 / num_components),
-                         constraint=constraints.simplex)
-    locs = pyro.param("locs", lambda: init_locs.clone())
-    scales = pyro.param("scales", lambda: z.new_ones(num_components, z.shape[-1]) * z.std(0),
-                        constraint=constraints.positive)
-    mixture = dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(locs, scales).to_event(1))
-    with data_plate(z, num_data):
-        pyro.sample("z", mixture, obs=z)
-    return mixture
-
-
-def no_latents(z, num_data=None, **kwargs):
-    """The guide of a model without latent variables: nothing to infer."""
 
 
 def main(argv=None):
@@ -62,41 +48,43 @@ def main(argv=None):
     shape, d = data.shape, args.latent_dim
     metrics, start = {"dataset": data.name}, time.perf_counter()
     options = dict(batch_size=args.batch_size, num_epochs=epochs, seed=args.seed, progress=not args.quick)
-    gen = torch.Generator(device=data.train.device).manual_seed(args.seed)
 
+    mixture = GaussianMixture(args.components, d, "diag")  # checks --components before any fit
     ae_model = DeepLatentGaussian(shape, d, hidden=hidden, prior="flat")
     ae_guide = DeltaEncoder(shape, d, hidden=hidden)
     data.fit(ae_model, ae_guide, **options)
-    codes, test_codes = ae_guide.encode(data.train), ae_guide.encode(data.test)
+    # codes of the training images as the AE saw them (binarized like the test images, which
+    # the loader binarized once; gray-level inputs give codes of another distribution). They
+    # carry no graph (encode runs without gradients) and stay on the data's device, where the
+    # mixture is fitted and scored; samples are drawn on the CPU and moved there
+    train = data.train if data.transform is None else data.transform([data.train])[0]
+    codes, test_codes = ae_guide.encode(train), ae_guide.encode(data.test)
 
     # the lecture's factored Gaussian, estimated on the codes
     gauss = dist.Normal(codes.mean(0), codes.std(0)).to_event(1)
-    # a mixture of Gaussians, fitted by maximum likelihood with fit
-    init = codes[torch.randperm(codes.shape[0], generator=gen, device=codes.device)[:args.components]]
-    mixture_fit = fit(lambda z, num_data=None: gmm_density(z, num_data, num_components=args.components,
-                                                            init_locs=init),
-                      no_latents, codes, lr=0.05, batch_size=min(512, codes.shape[0]),
-                      num_epochs=100 if args.quick else 30, seed=args.seed, progress=False,
-                      device=codes.device)
-    with mixture_fit.scope():
-        gmm = gmm_density(codes[:1], num_components=args.components, init_locs=init)
+    # a mixture of Gaussians: the MAP estimate of models.gmm's parameters
+    gmm_fit, gmm_guide = fit_gmm(mixture, codes, guide="map", seed=args.seed, device=codes.device)
+    theta = gmm_guide.point_estimate(gmm_fit)
     vae_model, vae_guide = DeepLatentGaussian(shape, d, hidden=hidden), GaussianEncoder(shape, d, hidden=hidden)
     vae_fit = data.fit(vae_model, vae_guide, elbo="meanfield", **options)
-    prior = dist.Normal(torch.zeros_like(codes[0]), torch.ones_like(codes[0])).to_event(1)
 
-    n, rows, labels = 20, [], []
-    for label, density, model in (("AE + Gaussian", gauss, ae_model), ("AE + GMM", gmm, ae_model),
-                                  ("VAE prior", prior, vae_model)):
-        with torch.no_grad():
-            rows.append(model.decode(density.sample((n,))))
+    n = 20
+    gen = torch.Generator().manual_seed(args.seed)
+    eps = torch.randn(2, n, d, generator=gen).to(codes.device)
+    gmm_draws = mixture.simulate({k: v.cpu() for k, v in theta.items()}, n, generator=gen)[0]
+    samples = {"AE + Gaussian": (gauss.mean + gauss.stddev * eps[0], ae_model),
+               "AE + GMM": (gmm_draws.to(codes.device), ae_model),
+               "VAE prior": (eps[1], vae_model)}
+    rows, labels = [], []
+    for label, (z, model) in samples.items():
+        rows.append(model.decode(z))
         labels += [label, ""]
     plots.image_grid(torch.cat(rows), os.path.join(args.out, "samples.png"), nrow=n // 2,
                      row_labels=labels, title="Decoded samples from a density on the latent space")
-    with torch.no_grad():
-        metrics["ae_gaussian_test_code_loglik"] = float(gauss.log_prob(test_codes).mean())
-        metrics["ae_gmm_test_code_loglik"] = float(gmm.log_prob(test_codes).mean())
+    metrics["ae_gaussian_test_code_loglik"] = float(gauss.log_prob(test_codes).mean())
+    metrics["ae_gmm_test_code_loglik"] = float(mixture.log_likelihood(test_codes, theta).mean())
+    metrics["gmm_train_code_loglik"] = float(mixture.log_likelihood(codes, theta).mean())
     metrics["vae_val_elbo"] = vae_fit.val_elbo
-    metrics["gmm_train_loglik_per_code"] = mixture_fit.elbo
     return finish(args.out, f"Sampling from latent spaces on {data.name} (latent {d})", metrics, start)
 
 

@@ -33,9 +33,27 @@ def test_example_quick(script, tmp_path, load_main, keep_threads, capsys, monkey
     if script == "examples/autoencoders.py":  # the linear auto-encoder finds PCA's subspace
         assert metrics["linear_ae_vs_pca_max_angle_deg"] < 5
         assert metrics["linear_ae_test_sq_error"] < 1.05 * metrics["pca_test_sq_error"]
+    if script == "examples/latent_sampling.py":  # the codes are not Gaussian: a mixture fits better
+        assert metrics["ae_gmm_test_code_loglik"] > metrics["ae_gaussian_test_code_loglik"]
     if script == "benchmarks/vae_vs_pyro_loop.py":  # same model, data and steps: same quality
+        assert metrics["fit_elbo"] == "trace"
         assert abs(metrics["fit_test_elbo"] - metrics["pyro_loop_test_elbo"]) < 2
     if script == "benchmarks/vae_speed.py":  # equal work: the same objective reaches the same ELBO
         assert abs(metrics["b128_fit_train_elbo"] - metrics["b128_pyro_loop_train_elbo"]) < 2
         assert abs(metrics["b128_fit_train_elbo"] - metrics["b128_torch_train_elbo"]) < 2
 
+
+
+def test_vae_vs_pyro_loop_meanfield(tmp_path, load_main, keep_threads):
+    """--fit-elbo meanfield: fit's analytic-KL estimate of the same ELBO, scored like the loop."""
+    metrics = load_main("benchmarks/vae_vs_pyro_loop.py")(
+        ["--quick", "--out", str(tmp_path), "--device", "cpu", "--fit-elbo", "meanfield"])
+    assert metrics["fit_elbo"] == "meanfield"
+    assert abs(metrics["fit_test_elbo"] - metrics["pyro_loop_test_elbo"]) < 2
+
+
+def test_autoencoders_linear_dim_beyond_rank(tmp_path, load_main, keep_threads):
+    """PPCA degenerates (sigma^2 = 0) once d reaches the rank of the centred images: refused."""
+    with pytest.raises(ValueError, match="have rank 60"):  # the digits' training split
+        load_main("examples/autoencoders.py")(["--quick", "--out", str(tmp_path), "--device", "cpu",
+                                               "--linear-dim", "60"])
