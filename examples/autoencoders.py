@@ -45,16 +45,10 @@ def ppca_pca(x, dim):
     the orthonormal top-``dim`` principal directions: closed_form's W = U_d (L_d - sigma^2 I)^(1/2)
     has orthogonal columns of norms (l_j - sigma^2)^(1/2), so Q = W / its column norms (the
     norms are positive unless l_d equals every smaller eigenvalue, where the subspace is not
-    identified). Raises a ValueError when ``dim`` is not below the rank of the centred ``x`` (then sigma^2 = 0
-    and the maximum-likelihood solution degenerates).
+    identified). ``closed_form`` raises a ValueError when ``dim`` is not below the rank of the
+    centred ``x`` (then sigma^2 = 0 and the maximum-likelihood solution degenerates).
     """
-    D = x.shape[-1]
-    rank = int(torch.linalg.matrix_rank(x - x.mean(0)))
-    if not 1 <= dim < rank:
-        raise ValueError(f"--linear-dim must be between 1 and {rank - 1}: the {x.shape[0]} centred "
-                         f"training images of {D} pixels have rank {rank}, and PPCA's noise variance "
-                         f"(the mean of the {D} - d smallest covariance eigenvalues) is 0 from d = {rank} on")
-    params, L_max = PPCA(D, dim).closed_form(x)
+    params, L_max = PPCA(x.shape[-1], dim).closed_form(x)
     norms = params["W"].norm(dim=0)
     return params, L_max, params["W"] / norms
 

@@ -66,14 +66,15 @@ class PPCA:
     def log_likelihood(self, x, params):
         """Exact log p(x_i) = log N(x_i | mu, W W^T + sigma^2 I) per point (N,)."""
         self.check(x)
-        C = params["W"] @ params["W"].T + params["sigma"] ** 2 * torch.eye(self.D, dtype=x.dtype)
+        C = params["W"] @ params["W"].T + params["sigma"] ** 2 * torch.eye(self.D, dtype=x.dtype,
+                                                                             device=x.device)
         return dist.MultivariateNormal(params["mu"], covariance_matrix=C).log_prob(x)
 
     def posterior(self, x, params):
         """p(z_i | x_i) = N(M^-1 W^T (x_i - mu), sigma^2 M^-1): (means (N, q), covariance (q, q))."""
         self.check(x)
         W, s2 = params["W"], params["sigma"] ** 2
-        M = W.T @ W + s2 * torch.eye(self.q, dtype=W.dtype)
+        M = W.T @ W + s2 * torch.eye(self.q, dtype=W.dtype, device=W.device)
         return torch.linalg.solve(M, W.T @ (x - params["mu"]).T).T, s2 * torch.linalg.inv(M)
 
     def closed_form(self, x):
@@ -87,6 +88,11 @@ class PPCA:
         evals, evecs = torch.linalg.eigh(S)
         evals, evecs = evals.flip(0), evecs.flip(1)
         s2 = evals[self.q:].mean()
+        if not s2 > 1e-6 * evals[0].clamp_min(0):
+            rank = int((evals > 1e-6 * evals[0]).sum())
+            raise ValueError(f"x has (numerical) rank {rank}: its variance outside the top q={self.q} "
+                             f"directions is {float(s2):.3g}, so sigma^2 = 0 and the likelihood has no "
+                             f"maximum; use q < {rank} or add noise to the data")
         W = evecs[:, :self.q] * (evals[:self.q] - s2).clamp_min(0).sqrt()
         L_max = -0.5 * (self.D * math.log(2 * math.pi) + evals[:self.q].log().sum()
                         + (self.D - self.q) * s2.log() + self.D)
