@@ -18,7 +18,7 @@ from models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.evaluation import inference_gaps
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
 
 
 def main(argv=None):
@@ -29,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--points", type=int, default=1000, help="test images to analyse")
     parser.add_argument("--refine-steps", type=int, default=300, help="Adam steps per q*")
     parser.add_argument("--iwae-samples", type=int, default=5000, help="K for log p(x)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.quick:
         args.epochs, args.points, args.refine_steps, args.iwae_samples = 20, 50, 100, 500
     data = images_from_args(args)

@@ -1,11 +1,15 @@
 """Posterior analysis and evaluation of variational fits: ArviZ, LOO, k-hat, SBC, held-out IWAE.
 
-1. Gaussian mixtures with K = 1..5 components, fitted by VI with the assignments summed
-   out, on data simulated with K = 3: each fit becomes an ArviZ ``InferenceData``
-   (posterior, posterior predictive, pointwise log-likelihood, observed data, sample
-   stats; written as netCDF), ``az.compare`` ranks them by PSIS-LOO, and the chosen fit
-   gets its PSIS k-hat, its held-out ELBO and IWAE log-likelihood per point on fresh
-   data, posterior densities and a posterior predictive check.
+1. Gaussian mixtures (``models.gmm``) with K = 1..5 components on 2-D data simulated with
+   K = 3, fitted by ``guides.gmm``'s mean-field guide with the assignments summed out:
+   each fit becomes an ArviZ ``InferenceData`` (posterior with the assignments drawn from
+   p(z_i | x_i, theta), posterior predictive, pointwise log-likelihood log p(x_i | theta),
+   observed data, sample stats; written as netCDF) and ``az.compare`` ranks them by PSIS-LOO.
+   The chosen fit gets its PSIS k-hat, posterior densities, a posterior predictive check
+   and its held-out ELBO and IWAE log-likelihood per point on fresh data; a MAP fit of the
+   same K shows the exact held-out log p(x | theta_hat) = log sum_k w_k N(x | mu_k, Sigma_k)
+   (``GaussianMixture.log_likelihood``) beside its IWAE estimate, which equals it: with the
+   assignments summed out and a point mass on theta, every importance weight is exact.
 2. Simulation-based calibration of the conjugate Normal model's VI fit: rank histogram.
 3. A VAE on images: held-out ELBO and IWAE log-likelihood (K importance samples) on
    test images, per-image PSIS k-hat of the encoder, and the approximation and
@@ -17,93 +21,71 @@ import time
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.ops.indexing import Vindex
-from torch.distributions import constraints
 
 from guides import conjugate as conjugate_guide
+from guides.gmm import fit_gmm
 from guides.vae import GaussianEncoder
 from models import conjugate
+from models.gmm import GaussianMixture
 from models.vae import DeepLatentGaussian
-from vi_toolkit import data_plate, fit, plots
+from vi_toolkit import plots
 from vi_toolkit.analysis import to_inference_data
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.diagnostics import psis_khat, simulation_based_calibration
 from vi_toolkit.evaluation import evaluate, inference_gaps
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
 
-TRUE_LOCS = (-4.0, 0.0, 4.0)
-
-
-def bayesian_gmm(K):
-    """A Bayesian mixture of K unit-variance Normals and its mean-field guide.
-
-    weights ~ Dir(1) (fixed at 1 for K = 1), locs_k ~ N(0, 5^2), z_i ~ Cat(weights)
-    (summed out by enumeration), x_i | z_i ~ N(locs_{z_i}, 1); the guide is
-    q(weights) q(locs) = Dir(alpha) prod_k N(m_k, s_k^2), the means started at the
-    data's K quantiles.
-    """
-
-    def model(x, num_data=None):
-        weights = pyro.sample("weights", dist.Dirichlet(x.new_ones(K))) if K > 1 else x.new_ones(1)
-        with pyro.plate("components", K):
-            locs = pyro.sample("locs", dist.Normal(x.new_zeros(()), 5.0))
-        with data_plate(x, num_data):
-            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
-            pyro.sample("x", dist.Normal(Vindex(locs.unsqueeze(-2))[..., z], 1.0), obs=x)
-
-    def guide(x, num_data=None):
-        if K > 1:
-            concentration = pyro.param("concentration", x.new_full((K,), x.shape[0] / K),
-                                       constraint=constraints.positive)
-            pyro.sample("weights", dist.Dirichlet(concentration))
-        quantiles = torch.quantile(x, (torch.arange(K, dtype=x.dtype, device=x.device) + 0.5) / K)
-        loc = pyro.param("loc", quantiles)
-        scale = pyro.param("scale", x.new_full((K,), 0.1), constraint=constraints.positive)
-        with pyro.plate("components", K):
-            pyro.sample("locs", dist.Normal(loc, scale))
-
-    return model, guide
-
-
-def simulate_mixture(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    locs = torch.tensor(TRUE_LOCS)
-    return locs[torch.randint(len(TRUE_LOCS), (n,), generator=gen)] + torch.randn(n, generator=gen)
+TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
+        "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
+        "scales": torch.tensor([[1.0, 0.6], [0.7, 1.2], [0.8, 0.8]])}
 
 
 def mixture_section(args, out, metrics):
     import arviz as az
 
-    n, steps = (150, 200) if args.quick else (500, 1500)
-    x, x_test = simulate_mixture(n, args.seed), simulate_mixture(n, args.seed + 1)
-    fits, idatas = {}, {}
+    n, steps, draws = (300, 150, 300) if args.quick else (1000, 800, 1000)
+    truth = GaussianMixture(3, 2)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, _ = truth.simulate(TRUE, n, generator=gen)
+    x_test, _ = truth.simulate(TRUE, n, generator=gen)
+    fits, guides, idatas = {}, {}, {}
     for K in range(1, 6):
-        model, guide = bayesian_gmm(K)
-        fits[K] = fit(model, guide, x, num_steps=steps, lr=0.05, num_particles=4, seed=args.seed,
-                      device=args.device, progress=False)
-        idatas[f"K={K}"] = to_inference_data(fits[K], x, num_samples=300 if args.quick else 1000,
-                                             seed=args.seed, path=os.path.join(out, f"gmm_k{K}.nc"))
+        fits[K], guides[K] = fit_gmm(GaussianMixture(K, 2), x, guide="meanfield", num_steps=steps,
+                             seed=args.seed, device=args.device)
+        idatas[f"K={K}"] = to_inference_data(fits[K], x, num_samples=draws, seed=args.seed,
+                                             path=os.path.join(out, f"gmm_k{K}.nc"))
     table = az.compare(idatas)
     best = int(table.index[0].split("=")[1])
-    metrics["gmm"] = {"true_K": len(TRUE_LOCS), "chosen_K": best,
-                      "loo": {name: {"rank": int(row["rank"]), "elpd_loo": float(row["elpd_loo"]),
-                                     "se": float(row["se"]), "elpd_diff": float(row["elpd_diff"]),
-                                     "dse": float(row["dse"])} for name, row in table.iterrows()}}
     chosen, idata = fits[best], idatas[f"K={best}"]
     khat = psis_khat(chosen, x, num_samples=2000, seed=args.seed)
     held_out = evaluate(chosen, x_test, num_samples=1000 if args.quick else 5000, seed=args.seed)
-    metrics["gmm"].update(khat=khat["khat"], khat_reading=khat["reading"],
-                          heldout_elbo=held_out["elbo"], heldout_iwae=held_out["iwae"],
-                          heldout_iwae_se=held_out["iwae_se"])
+    mixture = GaussianMixture(best, 2)
+    map_fit, _ = fit_gmm(mixture, x, restarts=2, seed=args.seed, device=args.device)
+    map_held_out = evaluate(map_fit, x_test, num_samples=100, exact=mixture, seed=args.seed)
+    metrics["gmm"] = {
+        "true_K": truth.K, "chosen_K": best,
+        "loo": {name: {"rank": int(row["rank"]), "elpd_loo": float(row["elpd_loo"]),
+                       "se": float(row["se"]), "elpd_diff": float(row["elpd_diff"]),
+                       "dse": float(row["dse"])} for name, row in table.iterrows()},
+        "khat": khat["khat"], "khat_reading": khat["reading"],
+        "heldout_elbo": held_out["elbo"], "heldout_iwae": held_out["iwae"],
+        "heldout_iwae_se": held_out["iwae_se"],
+        "map_heldout_iwae": map_held_out["iwae"], "map_heldout_exact": map_held_out["exact"],
+        "true_params_heldout": float(truth.log_likelihood(x_test, TRUE).mean())}
     plots.posterior_densities(idata, os.path.join(out, "gmm_posterior.png"), var_names=["locs"],
                               title=f"GMM, K = {best}: posterior of the component means")
     plots.posterior_predictive(idata, os.path.join(out, "gmm_ppc.png"),
-                               title=f"GMM, K = {best}: posterior predictive check")
+                               title=f"GMM, K = {best}: posterior predictive check (both coordinates)")
     plots.elbo_curves({f"K={K}": r.history for K, r in fits.items()}, os.path.join(out, "gmm_elbo.png"))
     ax = az.plot_compare(table, show=False)
     plots.save(ax.get_figure(), os.path.join(out, "gmm_loo_compare.png"))
+    theta = {k: v.cpu() for k, v in guides[best].point_estimate(chosen).items()}
+    modal_z = torch.as_tensor(idata.posterior["z"].values[0]).mode(0).values  # most drawn component
+    plots.mixture_ellipses(x, theta["locs"], mixture.covariances(theta),
+                           os.path.join(out, "gmm_components.png"), labels=modal_z,
+                           weights=theta.get("weights"),
+                           title=f"K = {best}: posterior means, points by their most drawn z")
 
 
 def calibration_section(args, out, metrics):
@@ -158,7 +140,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=50, help="VAE training epochs")
     parser.add_argument("--test-points", type=int, default=10000, help="test images to evaluate")
     parser.add_argument("--iwae-samples", type=int, default=5000, help="K of the IWAE estimate")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     warnings.filterwarnings("ignore", message="Shape validation failed")  # one chain of iid draws
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -174,6 +156,9 @@ def main(argv=None):
         "GMM: PSIS k-hat": f"{g['khat']:.3f} ({g['khat_reading']})",
         "GMM: held-out ELBO / point": g["heldout_elbo"],
         "GMM: held-out IWAE / point": g["heldout_iwae"],
+        "GMM (MAP): held-out IWAE / point": g["map_heldout_iwae"],
+        "GMM (MAP): held-out exact / point": g["map_heldout_exact"],
+        "GMM: true parameters, exact / point": g["true_params_heldout"],
         "SBC (conjugate): uniformity p": metrics["sbc_conjugate"]["uniformity_pvalue"],
         f"VAE: test ELBO / image ({v['test_points']})": v["heldout_elbo"],
         f"VAE: test IWAE, K={v['iwae_samples']}": v["heldout_iwae"],

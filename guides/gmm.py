@@ -65,24 +65,39 @@ def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20):
             "corr_cholesky": torch.eye(D).expand(K, D, D).clone()}
 
 
-class MAPGuide:
-    """q(theta) = delta(theta - theta_hat): the MAP estimate of the mixture's parameters."""
+def _initial(guide, x, name):
+    """``guide.init[name]`` like ``x``; if ``guide.init`` is None, :func:`kmeans_init` on ``x``
+    first (computed once and kept). Guides pass it to ``pyro.param`` in a lambda, so that
+    it runs only when the parameter is created."""
+    if guide.init is None:
+        guide.init = kmeans_init(x, guide.mixture.K)
+    return guide.init[name].to(x)
 
-    def __init__(self, mixture, init):
+
+class MAPGuide:
+    """q(theta) = delta(theta - theta_hat): the MAP estimate of the mixture's parameters.
+
+    ``init`` holds the initial ``params`` (:func:`kmeans_init`'s); None: k-means on the data
+    of the first call (a fit's first batch; a checkpoint's values then replace them).
+    """
+
+    def __init__(self, mixture, init=None):
         self.mixture, self.init = mixture, init
 
     def __call__(self, x, num_data=None):
-        m, init = self.mixture, self.init
+        m = self.mixture
         if m.K > 1:
-            weights = pyro.param("weights_map", init["weights"].to(x), constraint=constraints.simplex)
+            weights = pyro.param("weights_map", lambda: _initial(self, x, "weights"),
+                                 constraint=constraints.simplex)
             pyro.sample("weights", dist.Delta(weights, event_dim=1))
-        locs = pyro.param("locs_map", init["locs"].to(x))
-        scales = pyro.param("scales_map", init["scales"].to(x), constraint=constraints.positive)
+        locs = pyro.param("locs_map", lambda: _initial(self, x, "locs"))
+        scales = pyro.param("scales_map", lambda: _initial(self, x, "scales"),
+                            constraint=constraints.positive)
         with pyro.plate("components", m.K, dim=-1):
             pyro.sample("locs", dist.Delta(locs, event_dim=1))
             pyro.sample("scales", dist.Delta(scales, event_dim=1))
             if m.full:
-                corr = pyro.param("corr_cholesky_map", init["corr_cholesky"].to(x),
+                corr = pyro.param("corr_cholesky_map", lambda: _initial(self, x, "corr_cholesky"),
                                   constraint=constraints.corr_cholesky)
                 pyro.sample("corr_cholesky", dist.Delta(corr, event_dim=2))
 
@@ -94,21 +109,25 @@ class MAPGuide:
 
 
 class MeanFieldGuide:
-    """q(w) q(mu) q(sigma) q(L): Dirichlet, Normal, LogNormal and transformed-Normal factors."""
+    """q(w) q(mu) q(sigma) q(L): Dirichlet, Normal, LogNormal and transformed-Normal factors.
 
-    def __init__(self, mixture, init, *, init_scale=0.05):
+    ``init`` as for :class:`MAPGuide`.
+    """
+
+    def __init__(self, mixture, init=None, *, init_scale=0.05):
         self.mixture, self.init, self.init_scale = mixture, init, init_scale
 
     def __call__(self, x, num_data=None):
-        m, init = self.mixture, self.init
+        m = self.mixture
         n = x.shape[0] if num_data is None else num_data
         positive = constraints.positive
         if m.K > 1:
-            c = pyro.param("weights_concentration", (init["weights"] * n).to(x), constraint=positive)
+            c = pyro.param("weights_concentration", lambda: _initial(self, x, "weights") * n,
+                           constraint=positive)
             pyro.sample("weights", dist.Dirichlet(c))
-        loc_m = pyro.param("locs_loc", init["locs"].to(x))
+        loc_m = pyro.param("locs_loc", lambda: _initial(self, x, "locs"))
         loc_s = pyro.param("locs_scale", torch.full_like(loc_m, self.init_scale), constraint=positive)
-        scale_a = pyro.param("scales_loc", init["scales"].log().to(x))
+        scale_a = pyro.param("scales_loc", lambda: _initial(self, x, "scales").log())
         scale_b = pyro.param("scales_scale", torch.full_like(scale_a, self.init_scale),
                              constraint=positive)
         with pyro.plate("components", m.K, dim=-1):

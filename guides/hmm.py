@@ -41,27 +41,36 @@ def hmm_init(hmm, sequences, lengths, *, seed=0):
 
 
 class MAPGuide:
-    """q(theta) = delta(theta - theta_hat) for a ``models.hmm.HiddenMarkovModel``."""
+    """q(theta) = delta(theta - theta_hat) for a ``models.hmm.HiddenMarkovModel``.
+
+    ``init`` holds the initial ``params`` (:func:`hmm_init`'s); None: :func:`hmm_init` on the
+    data of the first call that creates the parameters (a fit's first batch).
+    """
 
     SITES = {"initial": (constraints.simplex, 1), "transition": (constraints.simplex, 1),
              "locs": (constraints.real, 1), "scales": (constraints.positive, 1),
              "emission_probs": (constraints.simplex, 1)}
 
-    def __init__(self, hmm, init):
+    def __init__(self, hmm, init=None):
         self.hmm, self.init = hmm, init
 
-    def _point(self, site, like):
+    def _point(self, site, sequences, lengths):
         constraint, event_dim = self.SITES[site]
-        value = pyro.param(f"{site}_map", self.init[site].to(like), constraint=constraint)
+
+        def initial():  # only when the parameter is created
+            if self.init is None:
+                self.init = hmm_init(self.hmm, sequences, lengths)
+            return self.init[site].to(self.hmm._like(sequences))
+
+        value = pyro.param(f"{site}_map", initial, constraint=constraint)
         return pyro.sample(site, dist.Delta(value, event_dim=event_dim))
 
     def __call__(self, sequences, lengths, num_data=None):
-        like = self.hmm._like(sequences)
-        self._point("initial", like)
+        self._point("initial", sequences, lengths)
         emission = ("locs", "scales") if self.hmm.emission == "gaussian" else ("emission_probs",)
         with pyro.plate("states", self.hmm.K, dim=-1):
             for site in ("transition",) + emission:
-                self._point(site, like)
+                self._point(site, sequences, lengths)
 
     def point_estimate(self, result):
         """theta_hat of a fit of this guide, as ``params`` for ``models.hmm``."""

@@ -15,6 +15,7 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
+from models.ppca import PPCA
 from vi_toolkit.plates import data_plate
 
 
@@ -33,6 +34,12 @@ class LinearEncoder:
                        constraint=constraints.lower_cholesky)
         with data_plate(x, num_data):
             pyro.sample("z", dist.MultivariateNormal(x @ A.T + c, scale_tril=L))
+
+    @staticmethod
+    def point_estimate(result):
+        """The fitted ``W``, ``mu``, ``sigma``: ``params`` for ``models.ppca`` (PPCA's global
+        quantities are parameters, not latents), as the other classic guides' ``point_estimate``."""
+        return PPCA.params(result)
 
     @staticmethod
     def encode(result, x):
@@ -55,3 +62,5 @@ class PointwiseGuide:
                        constraint=constraints.positive)
         with data_plate(x, num_data):
             pyro.sample("z", dist.Normal(m[index], s[index]).to_event(1))
+
+    point_estimate = staticmethod(LinearEncoder.point_estimate)

@@ -73,10 +73,15 @@ class GaussianMixture:
             pyro.sample("x", self._component(locs, scales, corr, z), obs=x)
 
     def _component(self, locs, scales, corr, z=None):
-        """N(mu_z, Sigma_z), or the K components N(mu_k, Sigma_k) when ``z`` is None."""
+        """N(mu_z, Sigma_z), or the K components N(mu_k, Sigma_k) when ``z`` is None.
+
+        The parameters' batch dims left of the components (vectorized particles, at
+        dims left of the data plate) get a data dim, so that they line up with ``z``'s.
+        """
         if z is not None:
-            locs, scales = Vindex(locs)[..., z, :], Vindex(scales)[..., z, :]
-            corr = None if corr is None else Vindex(corr)[..., z, :, :]
+            locs = Vindex(locs.unsqueeze(-3))[..., z, :]
+            scales = Vindex(scales.unsqueeze(-3))[..., z, :]
+            corr = None if corr is None else Vindex(corr.unsqueeze(-4))[..., z, :, :]
         if corr is None:
             return dist.Normal(locs, scales).to_event(1)
         return dist.MultivariateNormal(locs, scale_tril=scales.unsqueeze(-1) * corr)

@@ -134,11 +134,16 @@ class HiddenMarkovModel:
             (), dtype=torch.get_default_dtype(), device=sequences.device)
 
     def _emission_dist(self, emission):
-        """p(x | z = k) with batch shape (..., 1, K): the 1 broadcasts over time."""
+        """p(x | z = k) with batch shape (..., 1, 1, K): the 1s broadcast over sequences and time.
+
+        The dims ``...`` left of the states are those of vectorized particles, if any.
+        """
+        def per_step(value):  # (..., K, E) -> (..., 1, 1, K, E)
+            return value.unsqueeze(-3).unsqueeze(-4)
+
         if self.emission == "gaussian":
-            return dist.Normal(emission["locs"].unsqueeze(-3),
-                               emission["scales"].unsqueeze(-3)).to_event(1)
-        return dist.Categorical(emission["emission_probs"].unsqueeze(-3))
+            return dist.Normal(per_step(emission["locs"]), per_step(emission["scales"])).to_event(1)
+        return dist.Categorical(per_step(emission["emission_probs"]))
 
     def _hmm(self, initial, transition, emission, sequences, lengths):
         """DiscreteHMM with pi at the first step and masked padding.
@@ -146,10 +151,13 @@ class HiddenMarkovModel:
         Pyro's ``DiscreteHMM`` starts from a state before the first observation, so the
         first step's transition rows are all log pi and the later ones log A.
         """
-        T = sequences.shape[1]
-        K = self.K
-        first = initial.log().unsqueeze(-2).unsqueeze(-3).expand(initial.shape[:-1] + (1, K, K))
-        rest = transition.log().unsqueeze(-3).expand(transition.shape[:-2] + (T - 1, K, K))
+        T, K = sequences.shape[1], self.K
+        # vectorized particles give initial (..., 1, K) and transition (..., K, K), their dims
+        # left of the data plate's; transition then needs a data dim to line up
+        log_A = transition.log().unsqueeze(-3)
+        batch = torch.broadcast_shapes(initial.shape[:-1], log_A.shape[:-2])
+        first = initial.log()[..., None, None, :].expand(batch + (1, K, K))
+        rest = log_A.unsqueeze(-3).expand(batch + (T - 1, K, K))
         obs = self._emission_dist(emission).mask(length_mask(lengths, T).unsqueeze(-1))
         return dist.DiscreteHMM(initial.new_zeros(K), torch.cat([first, rest], dim=-3), obs)
 

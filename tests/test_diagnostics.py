@@ -6,11 +6,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from test_evaluation import linear_data, linear_guide, linear_model
+from test_evaluation import ppca_data, ppca_fit, ppca_ml_params
 
 from guides import conjugate as conjugate_guide
 from models import conjugate
-from vi_toolkit import data_plate, fit, plots
+from vi_toolkit import fit, plots
 from vi_toolkit.diagnostics import khat_reading, psis_khat, simulation_based_calibration
 
 SETTINGS = dict(num_steps=150, lr=0.2, num_particles=4)
@@ -20,13 +20,6 @@ def narrow_guide(x, num_data=None, **_):
     """q(mu) = N(m, 0.02^2): its scale is a tenth of the posterior's (about 0.2 for 20 points)."""
     m = pyro.param("mu_loc", x.new_tensor(0.0))
     pyro.sample("mu", dist.Normal(m, 0.02))
-
-
-def narrow_linear_guide(x, num_data=None):
-    """The amortized linear guide with its scales a tenth of what the fit would choose."""
-    A = pyro.param("A", torch.zeros(2, x.shape[-1]))
-    with data_plate(x, num_data):
-        pyro.sample("z", dist.Normal(x @ A.T, 0.02).to_event(1))
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +38,15 @@ def test_khat_is_good_for_the_exact_family_and_unreliable_for_a_narrow_guide(x20
 
 
 def test_pointwise_khat_for_an_amortized_guide(tmp_path):
-    x = linear_data(60)
-    good = fit(linear_model, linear_guide, x, num_steps=200, lr=0.05, progress=False, seed=0)
+    """PPCA's linear encoder (models/ppca.py, guides/ppca.py) at a diagonal Gaussian a little wider
+    than the exact posterior's marginals: good; with a tenth of that scale: unreliable."""
+    x = ppca_data(60)
+    params = ppca_ml_params(x)
+    good = ppca_fit(x, params, diagonal=1.2)
     report = psis_khat(good, x, num_samples=1000, batch_size=25, seed=0)
     assert report["pointwise"] and report["khat_points"].shape == (60,)
     assert report["khat"] < 0.5 and report["fraction_unreliable"] < 0.1
-    narrow = fit(linear_model, narrow_linear_guide, x, num_steps=200, lr=0.05, progress=False,
-                 seed=0)
+    narrow = ppca_fit(x, params, diagonal=0.12)
     bad = psis_khat(narrow, x, num_samples=1000, seed=0)
     assert bad["khat"] > 0.7 and bad["fraction_unreliable"] > 0.5
     path = plots.khat_histogram(np.concatenate([report["khat_points"], bad["khat_points"]]),

@@ -1,266 +1,361 @@
-"""Held-out evaluation against exact answers: IWAE vs the exact log-likelihood, exact marginals
-of mixtures and HMMs, inference gaps against closed-form KL divergences, checkpoints."""
+"""Held-out evaluation against exact answers, on the toolkit's classic models: the IWAE bound
+against PPCA's exact log-likelihood, the exact marginals of Gaussian mixtures and HMMs,
+inference gaps against closed-form KL divergences, checkpoints.
+
+The references are written here (numpy, or torch formulas by hand), not taken from the code
+under test; the models' own ``log_likelihood`` is checked against them too."""
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import kl_divergence
+from test_hmm import TRUE as HMM_TRUE
+from test_hmm import np_emission, np_forward_backward
 
+from guides.gmm import MAPGuide, fit_gmm
+from guides.hmm import fit_hmm
+from guides.ppca import LinearEncoder, PointwiseGuide
+from models.gmm import GaussianMixture
+from models.hmm import HiddenMarkovModel
+from models.ppca import PPCA
 from vi_toolkit import data_plate, fit
 from vi_toolkit.evaluation import (evaluate, inference_gaps, load_fit, log_likelihood_per_point,
                                    pointwise_estimates)
 from vi_toolkit.fit import FitResult
 
-# ---- a linear-Gaussian (PPCA-like) model with an amortized guide: log p(x) is exact -------------
-D, LATENT, NOISE = 6, 2, 0.5
-W_INIT = torch.randn(D, LATENT, generator=torch.Generator().manual_seed(1))
+
+def set_params(result, values):
+    """``result`` with its parameters set to the (constrained) ``values``."""
+    with result.scope():
+        store = pyro.get_param_store()
+        for name, value in values.items():
+            store[name] = value.detach().clone()  # the store would make ``value`` a leaf
+    return result
 
 
-def linear_model(x, num_data=None):
-    """z_i ~ N(0, I_2), x_i | z_i ~ N(W z_i, 0.5^2 I_6): x_i ~ N(0, W W^T + 0.25 I) exactly."""
-    W = pyro.param("W", W_INIT.clone())
-    with data_plate(x, num_data):
-        z = pyro.sample("z", dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(z @ W.T, NOISE).to_event(1), obs=x)
+def replace(result, *, model=None, guide=None):
+    """The fit ``result`` with another model or guide over the same parameters."""
+    return FitResult(model or result.model, guide or result.guide, result.history, result.config,
+                     result.param_state, result.device, result.stopped)
 
 
-def linear_guide(x, num_data=None):
-    """Amortized diagonal Gaussian q(z_i | x_i) = N(A x_i, diag exp(2 s)): a linear encoder."""
-    A = pyro.param("A", torch.zeros(LATENT, D))
-    log_scale = pyro.param("log_scale", torch.zeros(LATENT))
-    with data_plate(x, num_data):
-        pyro.sample("z", dist.Normal(x @ A.T, log_scale.exp()).to_event(1))
+# ---- PPCA (models/ppca.py) at its maximum-likelihood solution -------------------------------------
+D, Q, N = 6, 2, 200
 
 
-def linear_data(n=200, seed=0):
+def ppca_data(n=N, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    W = torch.randn(D, LATENT, generator=gen)
-    return torch.randn(n, LATENT, generator=gen) @ W.T + NOISE * torch.randn(n, D, generator=gen)
+    W = torch.randn(D, Q, generator=gen)
+    return torch.randn(n, Q, generator=gen) @ W.T + 1.0 + 0.5 * torch.randn(n, D, generator=gen)
 
 
-def linear_exact(params, x):
-    """Exact log p(x_i), the exact posterior p(z_i | x_i) and the encoder's q(z_i | x_i)."""
-    W = params["W"]
-    log_px = dist.MultivariateNormal(torch.zeros(D), W @ W.T + NOISE**2 * torch.eye(D)).log_prob(x)
-    precision = torch.eye(LATENT) + W.T @ W / NOISE**2
-    cov = torch.linalg.inv(precision)
-    posterior = dist.MultivariateNormal(x @ (cov @ W.T).T / NOISE**2, cov)
-    encoder = dist.MultivariateNormal(x @ params["A"].T, torch.diag((2 * params["log_scale"]).exp()))
-    return log_px, posterior, encoder
+def ppca_ml_params(x, angle=0.6):
+    """Tipping & Bishop's solution with W rotated by ``angle`` (still a maximum of log p(x)): the
+    posterior covariance sigma^2 (W^T W + sigma^2 I)^-1 is then not diagonal."""
+    params, _ = PPCA(D, Q).closed_form(x)
+    c, s = math.cos(angle), math.sin(angle)
+    return {**params, "W": params["W"] @ torch.tensor([[c, -s], [s, c]])}
+
+
+def np_gaussian_log_density(x, mean, cov):
+    """log N(x_i | mean_i, cov) per row, by hand."""
+    diff = np.atleast_2d(x - mean)
+    _, logdet = np.linalg.slogdet(cov)
+    maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+    return -0.5 * (cov.shape[0] * np.log(2 * np.pi) + logdet + maha)
+
+
+def np_gaussian_kl(m0, S0, m1, S1):
+    """KL(N(m0_i, S0) || N(m1_i, S1)) per row, by hand."""
+    P1, d = np.linalg.inv(S1), m1 - m0
+    return 0.5 * (np.trace(P1 @ S0) + np.einsum("ni,ij,nj->n", d, P1, d) - len(S0)
+                  + np.linalg.slogdet(S1)[1] - np.linalg.slogdet(S0)[1])
+
+
+def ppca_exact(params, x):
+    """Exact log p(x_i) = log N(x_i | mu, W W^T + s^2 I) and p(z_i | x_i) = N(m_i, S) with
+    S = (I + W^T W / s^2)^-1 and m_i = S W^T (x_i - mu) / s^2, in numpy."""
+    W, mu, s2 = (params[k].double().numpy() for k in ("W", "mu", "sigma"))
+    s2 = s2 ** 2
+    x = x.double().numpy()
+    log_px = np_gaussian_log_density(x, mu, W @ W.T + s2 * np.eye(D))
+    S = np.linalg.inv(np.eye(Q) + W.T @ W / s2)
+    return log_px, (x - mu) @ (S @ W.T).T / s2, S
+
+
+def ppca_fit(x, params, *, diagonal=None):
+    """A LinearEncoder fit of PPCA with the model at ``params`` and the encoder at the exact
+    posterior, q(z_i | x_i) = N(A x_i + c, L L^T) with A = S W^T / s^2, c = -A mu and
+    L = chol(S), or with ``diagonal`` = r a diagonal Gaussian, L = r diag(S)^(1/2)."""
+    ppca = PPCA(D, Q)
+    result = fit(ppca.model, LinearEncoder(ppca), x, num_steps=1, progress=False, seed=0)
+    W, mu, s2 = params["W"], params["mu"], params["sigma"] ** 2
+    S = torch.linalg.inv(torch.eye(Q) + W.T @ W / s2)
+    A = S @ W.T / s2
+    L = torch.linalg.cholesky(S) if diagonal is None else torch.diag(diagonal * S.diagonal().sqrt())
+    return set_params(result, {**params, "encoder_A": A, "encoder_c": -A @ mu,
+                               "encoder_scale_tril": L})
 
 
 @pytest.fixture(scope="module")
-def linear_fit():
-    x = linear_data()
-    result = fit(linear_model, linear_guide, x, num_steps=200, lr=0.05, progress=False, seed=0)
-    return result, x
+def ppca_case():
+    x = ppca_data()
+    params = ppca_ml_params(x)
+    return x, params, ppca_exact(params, x)
 
 
-# ---- a Gaussian mixture and an HMM with enumerated discrete latents and fixed parameters --------
-WEIGHTS, LOCS = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([-3.0, 0.0, 3.0])
+# ---- Gaussian mixture (models/gmm.py), MAP fit ---------------------------------------------------
+GMM_TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
+            "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
+            "scales": torch.tensor([[1.0, 0.6], [0.7, 1.2], [0.8, 0.8]])}
 
 
-def gmm_model(x, num_data=None):
-    """z_i ~ Cat(pi), x_i | z_i ~ N(mu_{z_i}, 1), z_i summed out by enumeration."""
-    with data_plate(x, num_data):
-        z = pyro.sample("z", dist.Categorical(WEIGHTS), infer={"enumerate": "parallel"})
-        pyro.sample("x", dist.Normal(LOCS[z], 1.0), obs=x)
+def gmm_data(n, seed=0):
+    """``n`` points of the three 2-D components of ``GMM_TRUE``."""
+    return GaussianMixture(3, 2).simulate(GMM_TRUE, n, generator=torch.Generator().manual_seed(seed))[0]
 
 
-def gmm_sampled_model(x, num_data=None):
-    """The same mixture with z_i sampled by the guide instead of enumerated."""
-    with data_plate(x, num_data):
-        z = pyro.sample("z", dist.Categorical(WEIGHTS))
-        pyro.sample("x", dist.Normal(LOCS[z], 1.0), obs=x)
+def gmm_log_joint(x, theta):
+    """(N, K): log w_k + sum_d log N(x_id | mu_kd, s_kd^2), by hand."""
+    u = (x[:, None, :] - theta["locs"]) / theta["scales"]
+    return theta["weights"].log() - (0.5 * u**2 + theta["scales"].log()
+                                     + 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def gmm_exact_posterior_guide(x, num_data=None):
-    """q(z_i | x_i) = p(z_i | x_i), the responsibilities."""
-    with data_plate(x, num_data):
-        pyro.sample("z", dist.Categorical(logits=gmm_joint(x)))
+@pytest.fixture(scope="module")
+def gmm_case():
+    mixture = GaussianMixture(3, 2)
+    result, guide = fit_gmm(mixture, gmm_data(150))
+    return mixture, result, guide.point_estimate(result)
 
 
-def no_latents(*args, **kwargs):
-    """The exact posterior when the model has no latent left to infer."""
-
-
-def gmm_joint(x):
-    return WEIGHTS.log() + dist.Normal(LOCS, 1.0).log_prob(x[:, None])
-
-
-def gmm_data(n=60, seed=0):
+# ---- hidden Markov model (models/hmm.py), MAP fit, sequences of different lengths ---------------
+def hmm_data(n=30, seed=0):
+    """Gaussian sequences of 4 to 15 steps from test_hmm's three-state HMM: (sequences, lengths)."""
+    hmm = HiddenMarkovModel(3, "gaussian")
     gen = torch.Generator().manual_seed(seed)
-    return LOCS[torch.multinomial(WEIGHTS, n, True, generator=gen)] + torch.randn(n, generator=gen)
+    lengths = torch.randint(4, 16, (n,), generator=gen)
+    sequences, _ = hmm.simulate(HMM_TRUE, lengths, generator=gen)
+    return sequences, lengths
 
 
-T_STEPS, TRANSITION, EMISSION_LOCS = 6, torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([-1.0, 1.0])
+def np_hmm_log_likelihood(sequences, lengths, theta):
+    """log p(x_n | theta) of each sequence, by the numpy forward algorithm of test_hmm, unpadded."""
+    p = {k: v.double().numpy() for k, v in theta.items()}
+    return np.array([np_forward_backward(np_emission(s[:t, 0].double().numpy(), p, "gaussian"),
+                                         p["initial"], p["transition"])[0]
+                     for s, t in zip(sequences, lengths.tolist())])
 
 
-def hmm_model(y, num_data=None):
-    """s_0 ~ Cat(1/2, 1/2), s_t | s_{t-1} ~ Cat(A[s_{t-1}]), y_t | s_t ~ N(m_{s_t}, 1), per sequence."""
-    with data_plate(y, num_data):
-        state = None
-        for t in pyro.markov(range(T_STEPS)):
-            probs = torch.full((2,), 0.5) if state is None else TRANSITION[state]
-            state = pyro.sample(f"s_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
-            pyro.sample(f"y_{t}", dist.Normal(EMISSION_LOCS[state], 1.0), obs=y[:, t])
+@pytest.fixture(scope="module")
+def hmm_case():
+    hmm = HiddenMarkovModel(3, "gaussian")
+    sequences, lengths = hmm_data()
+    result, guide = fit_hmm(hmm, sequences, lengths)
+    return hmm, (sequences, lengths), result, guide.point_estimate(result)
 
 
-def hmm_forward(y):
-    """log p(y_{1:T}) of each sequence by the forward algorithm."""
-    emission = dist.Normal(EMISSION_LOCS, 1.0).log_prob(y[..., None])  # (N, T, 2)
-    alpha = math.log(0.5) + emission[:, 0]
-    for t in range(1, T_STEPS):
-        alpha = torch.logsumexp(alpha[:, :, None] + TRANSITION.log(), 1) + emission[:, t]
-    return torch.logsumexp(alpha, -1)
-
-
-def fixed_result(model, guide):
-    """A FitResult for a model and guide without parameters (nothing to fit)."""
-    return FitResult(model, guide, {}, {}, {"params": {}, "constraints": {}}, torch.device("cpu"),
-                     "fixed")
-
-
-# ---- tests -------------------------------------------------------------------------------------
-def test_iwae_rises_with_k_towards_the_exact_log_likelihood(linear_fit):
-    result, x = linear_fit
-    log_px, posterior, encoder = linear_exact(result.params, x)
+# ---- tests ---------------------------------------------------------------------------------------
+def test_iwae_rises_with_k_towards_the_exact_ppca_log_likelihood(ppca_case):
+    x, params, (log_px, post_mean, S) = ppca_case
+    result = ppca_fit(x, params, diagonal=1.5)  # too wide and without correlation
     exact = float(log_px.mean())
-    exact_elbo = float((log_px - kl_divergence(encoder, posterior)).mean())
-    bounds = {k: evaluate(result, x, num_samples=k, chunk_size=128, seed=k)["iwae"]
-              for k in (1, 10, 100, 1000)}
-    assert bounds[1] < bounds[10] < bounds[100] <= bounds[1000] + 1e-3
-    assert exact_elbo < exact - 0.02  # the diagonal guide leaves a visible gap to close
-    assert exact - bounds[1000] < 0.1 * (exact - exact_elbo)
-    assert bounds[1000] < exact + 0.01
+    torch.testing.assert_close(PPCA(D, Q).log_likelihood(x, params).double(),
+                               torch.from_numpy(log_px), atol=1e-4, rtol=0)
+    q_cov = np.diag(1.5**2 * np.diag(S))
+    exact_elbo = exact - float(np_gaussian_kl(post_mean, q_cov, post_mean, S).mean())
+    reports = {k: evaluate(result, x, num_samples=k, chunk_size=128, seed=k)
+               for k in (1, 3, 10, 100, 1000)}
+    bounds = {k: report["iwae"] for k, report in reports.items()}
+    assert abs(reports[1000]["elbo"] - exact_elbo) < 0.02
+    assert exact_elbo < exact - 0.5  # a gap to close
+    assert bounds[1] < bounds[3] < bounds[10] < bounds[100] < exact + 0.01  # + Monte Carlo error
+    assert abs(exact - bounds[1000]) < 0.01 * (exact - exact_elbo)
 
 
-def test_heldout_elbo_matches_the_closed_form_per_point(linear_fit):
-    result, x = linear_fit
-    log_px, posterior, encoder = linear_exact(result.params, x)
-    exact_elbo = log_px - kl_divergence(encoder, posterior)
+def test_heldout_elbo_matches_the_closed_form_per_point(ppca_case):
+    x, params, (log_px, post_mean, S) = ppca_case
+    result = ppca_fit(x, params, diagonal=1.0)
+    exact_elbo = log_px - np_gaussian_kl(post_mean, np.diag(np.diag(S)), post_mean, S)
     est = pointwise_estimates(result, x, num_samples=4000, batch_size=64, chunk_size=1000, seed=0)
-    assert est["elbo"].shape == (x.shape[0],)
-    assert (est["elbo"] - exact_elbo).abs().max() < 0.05
-    assert (est["log_likelihood"] - log_px).abs().max() < 0.05
+    assert est["elbo"].shape == (N,)
+    assert np.abs(est["elbo"].numpy() - exact_elbo).max() < 0.05
+    assert np.abs(est["log_likelihood"].numpy() - log_px).max() < 0.05
     assert (est["log_likelihood"] >= est["elbo"] - 1e-4).all()  # Jensen, sample by sample
 
 
-def test_chunks_and_batches_give_the_same_estimate(linear_fit):
-    result, x = linear_fit
+def test_exact_posterior_guide_gives_the_exact_ppca_log_likelihood_every_draw(ppca_case):
+    x, params, (log_px, _, _) = ppca_case
+    est = pointwise_estimates(ppca_fit(x, params), x, num_samples=20, chunk_size=7, seed=0)
+    for value in est.values():  # log w = log p(x_i) for every draw: no variance
+        np.testing.assert_allclose(value.numpy(), log_px, atol=2e-4)
+
+
+def test_chunks_and_batches_give_the_same_estimate(ppca_case):
+    x, params, (log_px, _, _) = ppca_case
+    result = ppca_fit(x, params, diagonal=1.0)
     one = log_likelihood_per_point(result, x, num_samples=1000, batch_size=200, chunk_size=1000, seed=1)
     many = log_likelihood_per_point(result, x, num_samples=1000, batch_size=64, chunk_size=77, seed=2)
-    exact = linear_exact(result.params, x)[0]
-    assert (one - many).abs().mean() < 0.02  # Monte Carlo error only
-    assert (many - exact).abs().mean() < 0.02
+    assert (one - many).abs().mean() < 0.03  # Monte Carlo error only
+    assert np.abs(many.numpy() - log_px).mean() < 0.03
 
 
-def test_mixture_marginal_equals_the_importance_estimate_with_the_exact_posterior():
-    x = gmm_data()
-    exact = torch.logsumexp(gmm_joint(x), -1)
-    enumerated = pointwise_estimates(fixed_result(gmm_model, no_latents), x, num_samples=5,
-                                     batch_size=25)
-    sampled = pointwise_estimates(fixed_result(gmm_sampled_model, gmm_exact_posterior_guide), x,
-                                  num_samples=50, chunk_size=20, batch_size=25)
-    for est in (enumerated, sampled):  # log w = log p(x_i) for every draw: no variance
+def test_mixture_marginal_equals_the_importance_estimate_with_the_exact_posterior(gmm_case):
+    mixture, result, theta = gmm_case
+    x = gmm_data(60, seed=1)
+    exact = torch.logsumexp(gmm_log_joint(x, theta), -1)
+    torch.testing.assert_close(mixture.log_likelihood(x, theta), exact, atol=1e-4, rtol=0)
+
+    def posterior_guide(x, num_data=None):
+        """The MAP guide's delta on theta, and z_i from its exact posterior p(z_i | x_i, theta)."""
+        result.guide(x, num_data)
+        with data_plate(x, num_data, dim=-1):
+            pyro.sample("z", dist.Categorical(logits=gmm_log_joint(x, theta)))
+
+    enumerated = pointwise_estimates(result, x, num_samples=5, batch_size=25)  # z summed out
+    sampled = pointwise_estimates(replace(result, guide=posterior_guide), x, num_samples=50,
+                                  chunk_size=20, batch_size=25)  # z drawn by the guide
+    for est in (enumerated, sampled):  # log w = log p(x_i | theta) for every draw: no variance
         torch.testing.assert_close(est["log_likelihood"], exact, atol=1e-4, rtol=0)
         torch.testing.assert_close(est["elbo"], exact, atol=1e-4, rtol=0)
 
 
-def test_hmm_marginal_equals_the_forward_algorithm():
-    y = torch.randn(30, T_STEPS, generator=torch.Generator().manual_seed(3))
-    est = pointwise_estimates(fixed_result(hmm_model, no_latents), y, num_samples=3, batch_size=8)
-    torch.testing.assert_close(est["log_likelihood"], hmm_forward(y), atol=1e-4, rtol=0)
+def test_hmm_marginal_equals_the_forward_algorithm(hmm_case):
+    hmm, (sequences, lengths), result, theta = hmm_case
+    reference = np_hmm_log_likelihood(sequences, lengths, theta)
+    est = pointwise_estimates(result, (sequences, lengths), num_samples=3, batch_size=8)
+    np.testing.assert_allclose(est["log_likelihood"].numpy(), reference, atol=1e-3, rtol=1e-5)
+    np.testing.assert_allclose(est["elbo"].numpy(), reference, atol=1e-3, rtol=1e-5)
+    np.testing.assert_allclose(hmm.log_likelihood(sequences, lengths, theta).numpy(), reference,
+                               atol=1e-3, rtol=1e-5)
 
 
-def test_evaluate_reports_the_exact_marginal_beside_the_estimate(linear_fit):
-    result, x = linear_fit
+def test_an_enumerated_markov_chain_is_summed_out_by_variable_elimination(hmm_case):
+    """A model that enumerates its states in a ``pyro.markov`` loop (instead of models/hmm.py's
+    DiscreteHMM) gets the same per-sequence marginal, O(T K^2) per sequence."""
+    _, _, result, theta = hmm_case
+    T = 4
+    sequences = hmm_data(12, seed=3)[0][:, :T, 0]  # every sequence has at least four steps
+    pi, A = theta["initial"], theta["transition"]
+    locs, scales = theta["locs"][:, 0], theta["scales"][:, 0]
 
-    def exact(x):
-        return linear_exact(result.params, x)[0]
+    def chain(y, num_data=None):
+        with data_plate(y, num_data):
+            state = None
+            for t in pyro.markov(range(T)):
+                probs = pi if state is None else A[state]
+                state = pyro.sample(f"s_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
+                pyro.sample(f"y_{t}", dist.Normal(locs[state], scales[state]), obs=y[:, t])
 
-    report = evaluate(result, x[:50], num_samples=500, exact=exact, seed=0)
-    assert report["num_data"] == 50 and report["elbo"] < report["iwae"]
-    assert 0 <= report["exact_minus_iwae"] < 0.02
+    def no_latents(y, num_data=None):
+        """The exact posterior: the model has no latent left to infer."""
+
+    est = pointwise_estimates(replace(result, model=chain, guide=no_latents), sequences, num_samples=2)
+    reference = np_hmm_log_likelihood(sequences[..., None], torch.full((12,), T), theta)
+    np.testing.assert_allclose(est["log_likelihood"].numpy(), reference, atol=1e-3, rtol=1e-5)
+
+
+def test_evaluate_reports_the_exact_marginal_beside_the_estimate(ppca_case, gmm_case, hmm_case):
+    x, params, (log_px, _, _) = ppca_case
+    ppca = ppca_fit(x, params, diagonal=1.0)
+    report = evaluate(ppca, x[:50], num_samples=500, exact=PPCA(D, Q), seed=0)
+    assert report["num_data"] == 50 and report["elbo"] < report["iwae"] - 0.1
+    assert report["exact"] == pytest.approx(float(log_px[:50].mean()), abs=1e-4)
+    assert abs(report["exact_minus_iwae"]) < 0.02  # >= 0 in expectation, here Monte Carlo error
     assert report["exact_minus_iwae"] == pytest.approx(report["exact"] - report["iwae"])
+    # a MAP guide with the assignments or states summed out: the IWAE estimate is exact
+    mixture, gmm, theta = gmm_case
+    x = gmm_data(40, seed=2)
+    report = evaluate(gmm, x, num_samples=10, exact=mixture)
+    assert report["exact"] == pytest.approx(float(gmm_log_joint(x, theta).logsumexp(-1).mean()), abs=1e-4)
+    assert abs(report["exact_minus_iwae"]) < 1e-4
+    hmm, data, result, theta = hmm_case
+    report = evaluate(result, data, num_samples=3, exact=hmm)
+    assert report["exact"] == pytest.approx(float(np_hmm_log_likelihood(*data, theta).mean()), abs=1e-3)
+    assert abs(report["exact_minus_iwae"]) < 1e-4
+    # any callable of the data's tensors
+    callable_report = evaluate(result, data, num_samples=3,
+                               exact=lambda seqs, lengths: hmm.log_likelihood(seqs, lengths, theta))
+    assert callable_report["exact"] == report["exact"]
 
 
-def test_inference_gaps_match_the_closed_form_kl_divergences(linear_fit):
-    result, x = linear_fit
-    x = x[:40]
-    params = result.params
-    log_px, posterior, encoder = linear_exact(params, x)
-    # the best diagonal Gaussian for a Gaussian posterior N(m, S): mean m, variances 1/diag(S^-1)
-    best = dist.MultivariateNormal(posterior.loc, torch.diag_embed(1 / torch.diagonal(
-        posterior.precision_matrix, dim1=-2, dim2=-1)))
-    approximation = kl_divergence(best, posterior)
-    amortization = kl_divergence(encoder, posterior) - approximation
-    report = inference_gaps(result, x, refine_steps=300, elbo_samples=2000, seed=0,
-                            exact=lambda x: linear_exact(params, x)[0])
-    assert report["exact"]
-    assert abs(report["approximation_gap"] - float(approximation.mean())) < 0.01
-    assert abs(report["amortization_gap"] - float(amortization.mean())) < 0.01
+def test_inference_gaps_match_the_closed_form_kl_divergences(ppca_case):
+    """PPCA with per-point factors set off their optimum: q(z_i) = N(m_i + 0.1, diag S). The best
+    diagonal Gaussian for a Gaussian posterior N(m, S) has mean m and variances 1/diag(S^-1)."""
+    x, params, (log_px, post_mean, S) = ppca_case
+    n = 40
+    ppca = PPCA(D, Q)
+    result = fit(ppca.model, PointwiseGuide(ppca, N), (x, torch.arange(N)), num_steps=1,
+                 progress=False, seed=0)
+    set_params(result, {**params, "z_loc": torch.from_numpy(post_mean).float() + 0.1,
+                        "z_scale": torch.from_numpy(np.diag(S) ** 0.5).float().expand(N, Q)})
+    best = np.diag(1 / np.diag(np.linalg.inv(S)))
+    approximation = np_gaussian_kl(post_mean[:n], best, post_mean[:n], S)
+    amortization = np_gaussian_kl(post_mean[:n] + 0.1, np.diag(np.diag(S)), post_mean[:n], S) - approximation
+    report = inference_gaps(result, (x[:n], torch.arange(n)), refine_steps=300, elbo_samples=2000,
+                            seed=0, exact=lambda x, index: ppca.log_likelihood(x, params))
+    assert report["exact"] and report["log_px"] == pytest.approx(float(log_px[:n].mean()), abs=1e-4)
+    assert approximation.mean() > 0.1  # W is rotated: the posterior is far from diagonal
+    assert abs(report["approximation_gap"] - approximation.mean()) < 0.01
+    assert abs(report["amortization_gap"] - amortization.mean()) < 0.01
     assert report["inference_gap"] == pytest.approx(report["approximation_gap"]
                                                     + report["amortization_gap"], abs=1e-5)
-    iwae = inference_gaps(result, x, refine_steps=30, elbo_samples=500, num_samples=2000, seed=0)
-    assert not iwae["exact"] and abs(iwae["log_px"] - float(log_px.mean())) < 0.02
+    iwae = inference_gaps(result, (x[:n], torch.arange(n)), refine_steps=30, elbo_samples=500,
+                          num_samples=2000, seed=0)
+    assert not iwae["exact"] and abs(iwae["log_px"] - float(log_px[:n].mean())) < 0.02
 
 
-def test_load_fit_restores_a_checkpoint(tmp_path, linear_fit):
-    x = linear_data(100, seed=5)
+def test_inference_gaps_example_quick(tmp_path, load_main, keep_threads):
+    metrics = load_main("examples/inference_gaps.py")(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    assert (tmp_path / "gaps.png").stat().st_size > 0 and (tmp_path / "metrics.json").stat().st_size > 0
+    assert metrics["dataset"] == "digits" and metrics["test_points"] == 50
+    assert metrics["log_px"] > metrics["elbo_q_star"] > metrics["elbo_q"]  # refining q helps
+    assert metrics["inference_gap"] == pytest.approx(metrics["approximation_gap"]
+                                                     + metrics["amortization_gap"], abs=1e-6)
+
+
+def test_load_fit_restores_a_checkpoint(tmp_path):
+    x = ppca_data(100, seed=5)
+    ppca = PPCA(D, Q)
     path = tmp_path / "fit.pt"
-    result = fit(linear_model, linear_guide, x, num_steps=50, lr=0.05, progress=False, seed=0,
+    result = fit(ppca.model, LinearEncoder(ppca), x, num_steps=50, lr=0.05, progress=False, seed=0,
                  checkpoint=path)
-    loaded = load_fit(linear_model, linear_guide, x[:3], path, device="cpu")
+    loaded = load_fit(ppca.model, LinearEncoder(ppca), x[:3], path, device="cpu")
     for name, value in result.params.items():
         torch.testing.assert_close(loaded.params[name], value)
     assert loaded.history["elbo"] == result.history["elbo"]
+    mixture = GaussianMixture(2, D)
     with pytest.raises(ValueError, match="does not match"):
-        load_fit(gmm_sampled_model, gmm_exact_posterior_guide, x[:3, 0], path, device="cpu")
+        load_fit(mixture.model, MAPGuide(mixture), x, path, device="cpu")
 
 
-def test_bad_input_is_a_clear_value_error(linear_fit):
-    result, x = linear_fit
+def test_bad_input_is_a_clear_value_error(ppca_case, gmm_case):
+    x, params, _ = ppca_case
+    result = ppca_fit(x, params)
     with pytest.raises(ValueError, match="num_samples"):
         evaluate(result, x, num_samples=0)
     with pytest.raises(ValueError, match="chunk_size"):
         evaluate(result, x, chunk_size=-1)
     with pytest.raises(ValueError, match="result must be a FitResult"):
-        evaluate(linear_model, x)
+        evaluate(result.model, x)
     with pytest.raises(ValueError, match="NaN"):
         evaluate(result, torch.full((3, D), float("nan")))
+    with pytest.raises(ValueError, match="exact must be"):
+        evaluate(result, x, num_samples=2, exact=3.0)
+    with pytest.raises(ValueError, match="exact returned 1 values for 200"):
+        evaluate(result, x, num_samples=2, exact=lambda x: x[0, 0])
+    ppca, index = PPCA(D, Q), torch.arange(10)
+    pointwise = fit(ppca.model, PointwiseGuide(ppca, 10), (x[:10], index), num_steps=1, progress=False)
+    with pytest.raises(ValueError, match="exact: PPCA.*log_likelihood does not take the data's 2 tensors"):
+        evaluate(pointwise, (x[:10], index), num_samples=2, exact=ppca)  # a callable must drop index
+    mixture, gmm, _ = gmm_case
+    with pytest.raises(ValueError, match="exact: .* has no point_estimate"):
+        evaluate(replace(gmm, guide=lambda x, num_data=None: gmm.guide(x, num_data)), x[:5, :2],
+                 num_samples=2, exact=mixture)
     with pytest.raises(ValueError, match="site must name"):
         inference_gaps(result, x[:5], site="w", refine_steps=1)
     with pytest.raises(ValueError, match="lr"):
         inference_gaps(result, x[:5], lr=0.0)
-
-
-def test_cli_evaluates_a_checkpoint(tmp_path, capsys):
-    from guides import conjugate as conjugate_guide
-    from models import conjugate
-    from vi_toolkit.cli import main
-    from vi_toolkit.evaluation import evaluate_checkpoint
-
-    x = 3.0 + torch.randn(40, generator=torch.Generator().manual_seed(0))
-    fit(conjugate.model, conjugate_guide.guide, x, elbo="meanfield", num_steps=200, lr=0.1,
-        progress=False, seed=0, checkpoint=tmp_path / "fit.pt")
-    torch.save(x, tmp_path / "x.pt")
-    argv = ["evaluate", str(tmp_path / "fit.pt"), "--model", "models.conjugate:model",
-            "--guide", "guides.conjugate:guide", "--model-kwargs", '{"prior_scale": 10.0}',
-            "--data", str(tmp_path / "x.pt"), "--num-samples", "300", "--khat-samples", "500",
-            "--device", "cpu"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    report = evaluate_checkpoint(tmp_path / "fit.pt", conjugate.model, conjugate_guide.guide, x,
-                                 num_samples=300, khat_samples=500, device="cpu", seed=0)
-    assert f"{report['iwae']:.6g}" in out and f"{report['elbo']:.6g}" in out
-    assert "PSIS k-hat (joint)" in out and report["reading"] == "good"
-    # the predictive density of a new point under q(mu) ~ N(x_bar, 1/N): N(x_bar, 1 + 1/N)
-    mean, sd = conjugate.posterior(x)
-    exact = dist.Normal(mean, (1 + sd**2) ** 0.5).log_prob(x).mean()
-    assert abs(report["iwae"] - float(exact)) < 0.01
-    assert main(argv[:3] + ["no_such_module:model"] + argv[4:]) == 2
-    assert "cannot import 'no_such_module'" in capsys.readouterr().err

@@ -22,14 +22,31 @@ def _json(text):
     return value
 
 
+def _load_model_and_guide(args):
+    """(model, guide, exact) named by --model and --guide, built with their JSON kwargs.
+
+    A model class whose instance has a ``model`` method is a classic model
+    (``models.gmm:GaussianMixture``, ``models.hmm:HiddenMarkovModel``, ``models.ppca:PPCA``):
+    the Pyro model is that method, the guide class gets the instance as its first argument
+    (``guides.gmm:MAPGuide`` becomes ``MAPGuide(mixture, **guide_kwargs)``), and ``exact`` is
+    the instance if it has an exact ``log_likelihood``; otherwise ``exact`` is None.
+    """
+    from .evaluation import load_object
+
+    model = load_object(args.model, args.model_kwargs, name="--model")
+    if not callable(getattr(model, "model", None)):
+        return model, load_object(args.guide, args.guide_kwargs, name="--guide"), None
+    guide = load_object(args.guide, args.guide_kwargs, name="--guide", args=(model,))
+    return model.model, guide, model if hasattr(model, "log_likelihood") else None
+
+
 def _evaluate(args):
     import os
 
-    from .evaluation import evaluate_checkpoint, load_data_file, load_object
+    from .evaluation import evaluate_checkpoint, load_data_file
 
     sys.path.insert(0, os.getcwd())  # models/ and guides/ of the current checkout
-    model = load_object(args.model, args.model_kwargs, name="--model")
-    guide = load_object(args.guide, args.guide_kwargs, name="--guide")
+    model, guide, exact = _load_model_and_guide(args)
     if args.data is not None:
         data = load_data_file(args.data)
     else:
@@ -46,11 +63,16 @@ def _evaluate(args):
                 else data[:args.num_points])
     report = evaluate_checkpoint(args.checkpoint, model, guide, data, num_samples=args.num_samples,
                                  khat_samples=args.khat_samples, batch_size=args.batch_size,
-                                 chunk_size=args.chunk_size, device=args.device, seed=args.seed)
+                                 chunk_size=args.chunk_size, exact=exact, device=args.device,
+                                 seed=args.seed)
     print(f"{args.checkpoint}: {report['num_data']} data points")
     print(f"  held-out ELBO / point          {report['elbo']:.6g} +- {report['elbo_se']:.2g}")
     print(f"  IWAE log-likelihood / point    {report['iwae']:.6g} +- {report['iwae_se']:.2g} "
           f"(K = {report['num_samples']})")
+    if "exact" in report:
+        print(f"  exact log-likelihood / point   {report['exact']:.6g} +- {report['exact_se']:.2g} "
+              f"(the model's log_likelihood at the point estimate)")
+        print(f"  exact - IWAE                   {report['exact_minus_iwae']:.3g}")
     label = "PSIS k-hat (mean over points)" if report["pointwise"] else "PSIS k-hat (joint)"
     line = f"  {label:<31}{report['khat']:.3f} ({report['reading']})"
     if report["pointwise"]:
@@ -81,10 +103,16 @@ def build_parser():
                     "fit.pt --model models.vae:DeepLatentGaussian --guide guides.vae:GaussianEncoder "
                     "--model-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
                     "--guide-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
-                    "--dataset digits --split test")
+                    "--dataset digits --split test. A classic model class "
+                    "(models.gmm:GaussianMixture, models.hmm:HiddenMarkovModel, models.ppca:PPCA) "
+                    "is built with --model-kwargs, its guide class gets it as first argument, "
+                    "and its exact log-likelihood at the fit's point estimate is printed too: "
+                    "vi-toolkit evaluate fit.pt --model models.gmm:GaussianMixture "
+                    "--model-kwargs '{\"K\": 3, \"D\": 2}' --guide guides.gmm:MAPGuide --data x.pt")
     evaluate.add_argument("checkpoint", help="a checkpoint file written by vi_toolkit.fit")
     evaluate.add_argument("--model", required=True,
-                          help="package.module:attribute, a model function or nn.Module class")
+                          help="package.module:attribute, a model function, an nn.Module class "
+                               "or a classic model class (one with a .model method)")
     evaluate.add_argument("--guide", required=True, help="package.module:attribute of the guide")
     evaluate.add_argument("--model-kwargs", type=_json, default={},
                           help="JSON keyword arguments of the model (its class or function)")

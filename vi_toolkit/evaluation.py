@@ -31,6 +31,7 @@ a GPU runs each chunk of 500 x 100 decoder passes as one batch.
 """
 
 import contextlib
+import inspect
 import math
 from collections import OrderedDict
 
@@ -51,6 +52,7 @@ from .fit import FitResult, _accepts, _modules, trace_pair
 from .plates import DATA_PLATE
 
 PARTICLE_PLATE = "_samples"  # the plate over vectorized guide samples
+PROBE_POINTS = 100  # data points a checkpoint's model and guide run on to create their parameters
 
 
 def _positive_int(value, name):
@@ -284,14 +286,57 @@ def _mean_se(values):
     return float(values.mean()), float(se)
 
 
+def exact_log_likelihood(exact, result, tensors):
+    """The exact log p(x_i) of each point of the data's ``tensors``, shape (N,), from ``exact``:
+
+    * a classic model (``models.gmm.GaussianMixture``, ``models.hmm.HiddenMarkovModel``,
+      ``models.ppca.PPCA``: an object with ``log_likelihood(*tensors, params)``) is evaluated
+      at the fit's point estimate, ``params = result.guide.point_estimate(result)``: the
+      marginal log p(x_i | theta_hat) with the local latents summed out in closed form (a
+      mixture's log sum_k w_k N(x_i | mu_k, Sigma_k), an HMM's forward algorithm, PPCA's
+      log N(x_i | mu, W W^T + sigma^2 I)). The IWAE estimate converges to exactly this when
+      q(theta) is a point mass (MAP guides) or the model has no global latents (PPCA); for
+      a mean-field q(theta) it estimates log E_q[p(x_i | theta)] instead, a different number;
+    * a callable is called as ``exact(*tensors)``.
+
+    Either runs inside the fit's parameter scope, without gradients.
+    """
+    if hasattr(exact, "log_likelihood"):
+        point_estimate = getattr(result.guide, "point_estimate", None)
+        if point_estimate is None:
+            raise ValueError(f"exact: {exact!r} is evaluated at the fit's point estimate, but "
+                             f"the guide {type(result.guide).__name__} has no point_estimate(result)")
+        params = point_estimate(result)
+        try:
+            inspect.signature(exact.log_likelihood).bind(*tensors, params)
+        except TypeError as err:
+            raise ValueError(f"exact: {exact!r}.log_likelihood does not take the data's "
+                             f"{len(tensors)} tensors and params ({err}); pass a callable of "
+                             "the data's tensors instead") from err
+
+        def fn(*tensors):
+            return exact.log_likelihood(*tensors, params)
+    elif callable(exact):
+        fn = exact
+    else:
+        raise ValueError("exact must be a callable of the data's tensors or a model with "
+                         f"log_likelihood(*data, params), got {type(exact).__name__}")
+    with result.scope(), torch.no_grad():
+        values = torch.as_tensor(fn(*tensors)).detach().cpu().reshape(-1)
+    if values.numel() != len(tensors[0]):
+        raise ValueError(f"exact returned {values.numel()} values for {len(tensors[0])} data points")
+    return values
+
+
 def evaluate(result, data, *, num_samples=5000, batch_size=100, chunk_size=500, exact=None,
              device=None, seed=None):
     """Held-out ELBO and IWAE log-likelihood per data point, averaged, with standard errors.
 
-    ``exact``, if given, is a callable returning the exact log p(x_i) of each point
-    (shape (N,)) from the data's tensors, called inside the fit's parameter scope
-    (e.g. a model module's marginal likelihood with the fitted parameters); its mean
-    and the gap to the IWAE estimate are added.
+    ``exact``, if given, adds the mean exact log p(x_i) (``exact``, ``exact_se``) and its
+    gap to the IWAE estimate (``exact_minus_iwae``, >= 0 up to Monte Carlo error): a
+    classic model evaluated at the fit's point estimate, as in
+    ``evaluate(result, x_test, exact=mixture)`` for ``result, guide = fit_gmm(mixture, x)``,
+    or a callable of the data's tensors (see :func:`exact_log_likelihood`).
     """
     estimates = pointwise_estimates(result, data, num_samples=num_samples, batch_size=batch_size,
                                     chunk_size=chunk_size, device=device, seed=seed)
@@ -301,12 +346,8 @@ def evaluate(result, data, *, num_samples=5000, batch_size=100, chunk_size=500, 
               "elbo": elbo, "elbo_se": elbo_se, "iwae": ll, "iwae_se": ll_se}
     if exact is not None:
         fit_data = FitData(data, device=resolve_device(device) if device else result.device)
-        with result.scope(), torch.no_grad():
-            exact_values = torch.as_tensor(exact(*fit_data.tensors)).detach().cpu().reshape(-1)
-        if exact_values.numel() != report["num_data"]:
-            raise ValueError(f"exact returned {exact_values.numel()} values for "
-                             f"{report['num_data']} data points")
-        report["exact"], report["exact_se"] = _mean_se(exact_values)
+        report["exact"], report["exact_se"] = _mean_se(
+            exact_log_likelihood(exact, result, fit_data.tensors))
         report["exact_minus_iwae"] = report["exact"] - ll
     return report
 
@@ -314,9 +355,10 @@ def evaluate(result, data, *, num_samples=5000, batch_size=100, chunk_size=500, 
 def load_fit(model, guide, data, path, *, device="auto"):
     """A :class:`FitResult` for ``model`` and ``guide`` with the parameters of a checkpoint.
 
-    The model and guide run once on the first point of ``data`` to create their
-    parameters (with their constraints), which then take the checkpoint's values;
-    names and shapes must match, else ``ValueError``.
+    The model and guide run once on the first ``PROBE_POINTS`` points of ``data`` to
+    create their parameters (with their constraints; a data-driven initialisation such
+    as k-means needs several points), which then take the checkpoint's values; names and
+    shapes must match, else ``ValueError``.
     """
     state = load_checkpoint(path)
     dev = resolve_device(device)
@@ -329,7 +371,8 @@ def load_fit(model, guide, data, path, *, device="auto"):
         for module in modules.values():
             module.to(dev)
         num_data = fit_data.num_data if _accepts(model, "num_data") else None
-        args, kwargs = fit_data.call_args(fit_data.batch(torch.arange(1, device=dev)), num_data)
+        probe = torch.arange(min(PROBE_POINTS, fit_data.num_data), device=dev)
+        args, kwargs = fit_data.call_args(fit_data.batch(probe), num_data)
         with torch.no_grad():
             trace_pair(model, guide, args, kwargs)
         params = dict(store.named_parameters())
@@ -398,9 +441,10 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
         log p(x_i) - L[q]  =  (log p(x_i) - L[q*])  +  (L[q*] - L[q])
         inference gap         approximation gap      amortization gap
 
-    where L is the ELBO (``elbo_samples`` draws) and log p(x_i) is ``exact(*tensors)``
-    if given, else the IWAE estimate with ``num_samples`` draws from q* (a lower bound:
-    then the approximation gap is underestimated by its slack).
+    where L is the ELBO (``elbo_samples`` draws) and log p(x_i) is exact if ``exact`` is
+    given (a classic model or a callable, see :func:`exact_log_likelihood`), else the IWAE
+    estimate with ``num_samples`` draws from q* (a lower bound: then the approximation gap
+    is underestimated by its slack).
     ``site`` names the local latent (default: the guide's only site in the data plate).
     Returns per-point tensors (N,) under ``points`` and their means at the top level.
     """
@@ -452,7 +496,7 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
                 if exact is None:
                     _, log_px = session.estimates(tensors, num_samples, chunk_size, guide_star)
                 else:
-                    log_px = torch.as_tensor(exact(*tensors)).reshape(-1)
+                    log_px = exact_log_likelihood(exact, result, tensors)
             points["elbo_q"].append(elbo_q.cpu())
             points["elbo_q_star"].append(elbo_star.cpu())
             points["log_px"].append(log_px.detach().cpu())
@@ -465,15 +509,16 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
     return report
 
 
-def load_object(spec, kwargs=None, *, name="model"):
+def load_object(spec, kwargs=None, *, name="model", args=()):
     """The model or guide named ``"package.module:attribute"``, built with ``kwargs``.
 
-    A class (an ``nn.Module`` such as ``models.vae:DeepLatentGaussian``) is instantiated
-    with ``kwargs``; a function (``models.conjugate:model``) gets them bound as keywords.
+    A class (an ``nn.Module`` such as ``models.vae:DeepLatentGaussian``, a classic model
+    such as ``models.gmm:GaussianMixture``, a guide class) is instantiated with ``args``
+    and ``kwargs``; a function (``models.conjugate:model``) gets ``kwargs`` bound as
+    keywords and takes no ``args``.
     """
     import functools
     import importlib
-    import inspect
 
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise ValueError(f"{name} must look like 'package.module:attribute', got {spec!r}")
@@ -489,11 +534,14 @@ def load_object(spec, kwargs=None, *, name="model"):
     kwargs = dict(kwargs or {})
     if inspect.isclass(target):
         try:
-            return target(**kwargs)
+            return target(*args, **kwargs)
         except TypeError as err:
-            raise ValueError(f"{name}: {spec}(**{kwargs}) failed: {err}") from err
+            arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+            raise ValueError(f"{name}: {spec}({', '.join(arguments)}) failed: {err}") from err
     if not callable(target):
         raise ValueError(f"{name}: {spec} is not callable")
+    if args:
+        raise ValueError(f"{name}: {spec} is a function; it cannot take {args!r} (use a class)")
     return functools.partial(target, **kwargs) if kwargs else target
 
 
@@ -521,17 +569,18 @@ def load_data_file(path):
 
 
 def evaluate_checkpoint(path, model, guide, data, *, num_samples=5000, khat_samples=1000,
-                        batch_size=100, chunk_size=500, device="auto", seed=0):
+                        batch_size=100, chunk_size=500, exact=None, device="auto", seed=0):
     """Load a checkpoint into ``model`` and ``guide`` and evaluate it on ``data``.
 
-    Returns :func:`evaluate`'s report with the PSIS k-hat of the guide added
-    (``khat``, ``khat_reading`` and, per point, ``khat_max`` and ``fraction_unreliable``).
+    Returns :func:`evaluate`'s report (with the exact log-likelihood if ``exact`` is
+    given) and the PSIS k-hat of the guide (``khat``, ``khat_reading`` and, per point,
+    ``khat_max`` and ``fraction_unreliable``).
     """
     from .diagnostics import psis_khat
 
     result = load_fit(model, guide, data, path, device=device)
     report = evaluate(result, data, num_samples=num_samples, batch_size=batch_size,
-                      chunk_size=chunk_size, seed=seed)
+                      chunk_size=chunk_size, exact=exact, seed=seed)
     khat = psis_khat(result, data, num_samples=khat_samples, batch_size=batch_size,
                      chunk_size=chunk_size, seed=seed)
     report.update({k: v for k, v in khat.items() if k != "khat_points" and k != "num_samples"})
