@@ -8,10 +8,10 @@ The assignments z_i are summed out by the enum ELBO, so neither guide has local 
   q(sigma_kd) = LogNormal(a_kd, b_kd^2) and, for full covariances, L_k = T(u_k) with
   u_k ~ N(l_k, diag r_k^2) in R^{D(D-1)/2} and T the correlation-Cholesky transform.
 
-Both start from :func:`kmeans_init` (k-means++ seeding, best of ``n_init`` seedings by
-within-cluster sum of squares, then Lloyd iterations), so a fit does not depend on
-a lucky draw; :func:`fit_gmm` adds restarts from different seedings, keeping the best
-ELBO, and :func:`select_K` fits K = 1..Kmax and scores each on held-out data.
+Both start from :func:`kmeans_init` (the best of ``n_init`` k-means runs from k-means++
+seedings, by within-cluster sum of squares), so a fit does not depend on a lucky draw;
+:func:`fit_gmm` adds restarts from different seedings, keeping the best ELBO, and
+:func:`select_K` fits K = 1..Kmax and scores each on held-out data.
 """
 
 import pyro
@@ -34,34 +34,51 @@ def _kmeans_pp(x, K, generator):
     return torch.stack(centres)
 
 
-def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20):
+def _lloyd(x, centres, iterations):
+    """Lloyd's iterations from ``centres`` until the labels stop changing: (centres, labels).
+
+    Each iteration assigns every point to its nearest centre and moves each centre to
+    the mean of its points (an empty cluster keeps its centre), all in one pass.
+    """
+    labels = torch.cdist(x, centres).argmin(-1)
+    for _ in range(iterations):
+        counts = torch.bincount(labels, minlength=len(centres)).unsqueeze(-1)
+        sums = torch.zeros_like(centres).index_add_(0, labels, x)
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+        new = torch.cdist(x, centres).argmin(-1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return centres, labels
+
+
+def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20, max_points=20_000):
     """Initial ``params`` for ``models.gmm`` from k-means: weights, locs, scales (and L = I).
 
-    The best of ``n_init`` k-means++ seedings (lowest within-cluster sum of squares)
-    is refined by ``iterations`` Lloyd steps; the scales are each cluster's standard
-    deviations (floored at 1e-3 of the data's).
+    The centres are the best of ``n_init`` runs of k-means++ seeding and up to
+    ``iterations`` Lloyd steps (lowest within-cluster sum of squares), run on a random
+    subset of ``max_points`` points when there are more (the centres of a large data set
+    are estimated as well from a subset, at a fraction of the cost); every point is then
+    assigned once, and the weights and scales (each cluster's standard deviations,
+    floored at 1e-3 of the data's) come from all of them.
     """
     generator = torch.Generator().manual_seed(seed)
     x = x.detach().cpu().to(torch.get_default_dtype())
+    subset = x if len(x) <= max_points else x[torch.randperm(len(x), generator=generator)[:max_points]]
     best = None
     for _ in range(n_init):
-        centres = _kmeans_pp(x, K, generator)
-        for _ in range(iterations):
-            labels = torch.cdist(x, centres).argmin(-1)
-            for k in range(K):
-                if (labels == k).any():
-                    centres[k] = x[labels == k].mean(0)
-        labels = torch.cdist(x, centres).argmin(-1)
-        inertia = ((x - centres[labels]) ** 2).sum()
+        centres, labels = _lloyd(subset, _kmeans_pp(subset, K, generator), iterations)
+        inertia = ((subset - centres[labels]) ** 2).sum()
         if best is None or inertia < best[0]:
-            best = (inertia, centres, labels)
-    _, centres, labels = best
+            best = (inertia, centres)
+    centres = best[1]
+    labels = torch.cdist(x, centres).argmin(-1)
+    counts = torch.bincount(labels, minlength=K).to(x.dtype).unsqueeze(-1)
+    variances = torch.zeros_like(centres).index_add_(0, labels, (x - centres[labels]) ** 2)
     floor = 1e-3 * x.std(0).clamp_min(1e-12)
-    counts = torch.bincount(labels, minlength=K).to(x.dtype)
-    scales = torch.stack([x[labels == k].std(0, correction=0) if counts[k] > 1 else x.std(0)
-                          for k in range(K)]).clamp_min(floor)
+    scales = torch.where(counts > 1, (variances / counts.clamp_min(1)).sqrt(), x.std(0)).clamp_min(floor)
     D = x.shape[-1]
-    return {"weights": (counts + 1) / (counts + 1).sum(), "locs": centres, "scales": scales,
+    return {"weights": (counts.squeeze(-1) + 1) / (counts + 1).sum(), "locs": centres, "scales": scales,
             "corr_cholesky": torch.eye(D).expand(K, D, D).clone()}
 
 
