@@ -146,3 +146,22 @@ def test_bad_input_is_a_value_error_naming_it(data):
         GaussianMixture(3, 2, "full").log_likelihood(torch.zeros(5, 3), TRUE)
     with pytest.raises(ValueError, match="guide must be one of"):
         fit_gmm(GaussianMixture(2, 2), x, guide="laplace")
+
+
+def test_iwae_sums_out_the_assignments_exactly():
+    """With point masses on theta and the assignments enumerated, every importance weight is
+    p(x | theta_hat) p(theta_hat): the IWAE loss equals Pyro's enumerated ELBO, minibatch too."""
+    from pyro.infer import TraceEnum_ELBO
+
+    from guides.gmm import MAPGuide
+    from vi_toolkit import make_elbo
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(30, 2, generator=gen) - 3, torch.randn(20, 2, generator=gen) + 3])
+    mixture = GaussianMixture(2, 2, "full")
+    guide = MAPGuide(mixture, kmeans_init(x, 2))
+    iwae = make_elbo("iwae", num_particles=4, enumerated=True)
+    enum = TraceEnum_ELBO(max_plate_nesting=1)
+    for batch, num_data in ((x, None), (x[::2], 50)):  # N/B = 2 scales the local terms
+        loss = iwae.loss(mixture.model, guide, batch, num_data=num_data)
+        assert loss == pytest.approx(enum.loss(mixture.model, guide, batch, num_data=num_data), rel=1e-5)

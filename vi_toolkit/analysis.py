@@ -30,8 +30,8 @@ import torch
 from pyro.infer import infer_discrete
 from pyro.poutine.util import prune_subsample_sites
 
-from .evaluation import (PARTICLE_PLATE, _positive_int, _Session, contract_log_density,
-                         sample_traces, trace_log_densities)
+from .evaluation import _positive_int, _Session
+from .weights import PARTICLE_PLATE, contract_log_density, sample_traces, trace_log_densities
 from .plates import DATA_PLATE
 
 

@@ -29,7 +29,8 @@ import pyro.poutine as poutine
 import torch
 
 from .data import FitData
-from .evaluation import _positive_int, _Session, is_local, sample_traces
+from .evaluation import _positive_int, _Session
+from .weights import is_local, sample_traces
 from .fit import _accepts, fit, trace_pair
 
 KHAT_GOOD, KHAT_OK = 0.5, 0.7

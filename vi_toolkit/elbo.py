@@ -10,8 +10,9 @@ estimate of a lower bound on log p(x):
                    summed out exactly (Pyro's ``TraceEnum_ELBO``).
 * ``"iwae"``       the importance-weighted bound (Burda et al. 2016) with K particles,
                    L_K = E[log 1/K sum_k p(x, z_k) / q(z_k | x)]; per data point when
-                   every latent variable is local to the data plate, else for the
-                   whole batch jointly (the Renyi bound with alpha = 0).
+                   every sample site is local to the data plate, else for the whole
+                   batch jointly (the Renyi bound with alpha = 0); enumerated discrete
+                   latents are summed out of the weights.
 * ``"auto"``       ``"enum"`` when the model or the guide has sites marked for
                    enumeration, otherwise ``"trace"``.
 
@@ -28,6 +29,9 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from torch.distributions import kl_divergence
+
+from .plates import DATA_PLATE
+from .weights import is_local, sample_traces, trace_log_densities
 
 ELBO_NAMES = ("auto", "trace", "meanfield", "enum", "iwae")
 
@@ -96,57 +100,34 @@ class IWAE(Trace_ELBO):
     """Importance-weighted bound L_K = E[log 1/K sum_k w_k], w_k = p(x, z_k) / q(z_k | x).
 
     L_1 is the ELBO and L_K increases to log p(x) as K grows (Burda et al. 2016).
-    The K particles are always vectorized. When every latent site lies inside the
-    plate named ``data_plate`` the bound is taken per data point,
-    sum_i log 1/K sum_k w_ik (scaled by the plate's N/B); otherwise the whole batch
-    is weighted jointly, as Pyro's ``RenyiELBO(alpha=0)`` does.
+    The K particles are always vectorized, and discrete local latents that the model
+    marks for enumeration are summed out of the weights exactly
+    (:func:`vi_toolkit.weights.log_weights`). When every latent site of the guide lies
+    inside the plate over data points (``vi_toolkit.data_plate``) the bound is taken per
+    data point, (N/B) sum_i log 1/K sum_k w_ik for a minibatch of B of N points; otherwise
+    the whole batch is weighted jointly, log 1/K sum_k exp((N/B) sum_i log w_ik + log
+    p(theta_k) - log q(theta_k)), as Pyro's ``RenyiELBO(alpha=0)`` does.
     """
 
-    def __init__(self, num_particles=8, data_plate="data", max_plate_nesting=float("inf")):
-        super().__init__(
-            num_particles=num_particles,
-            vectorize_particles=True,
-            max_plate_nesting=max_plate_nesting,
-        )
-        self.data_plate = data_plate
-
-    def log_weights(self, model, guide, *args, **kwargs):
-        """Return ``(log_w, scale)``: log w of shape (K, B) per data point, or (K,) jointly.
-
-        ``scale`` is the data plate's N/B, by which the per-point bound is multiplied.
-        """
-        (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
-        terms, plate_dim, scale, local = [], None, 1.0, True
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for site in trace.nodes.values():
-                if site["type"] != "sample":
-                    continue
-                log_p = scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
-                frame = next((f for f in site["cond_indep_stack"] if f.name == self.data_plate),
-                             None)
-                if frame is None:
-                    local = False  # a site outside the data plate couples all data points
-                else:
-                    plate_dim, scale = frame.dim, (frame.full_size or frame.size) / frame.size
-                if self.num_particles == 1:  # Pyro adds no particle plate for K = 1 (dims
-                    # counted from the right, like plate_dim, stay where they were)
-                    log_p = log_p.unsqueeze(0)
-                terms.append(sign * log_p)
-        num_particles = self.num_particles
-        total = 0.0
-        for log_p in terms:
-            if local:
-                log_p = log_p.movedim(plate_dim, 0)
-                log_p = log_p.reshape(log_p.shape[0], log_p.shape[1], -1).sum(-1).T
-            else:
-                log_p = log_p.reshape(log_p.shape[0], -1).sum(-1)
-            total = total + log_p.expand((num_particles,) + log_p.shape[1:])
-        return total, (scale if local else 1.0)
+    def __init__(self, num_particles=8, max_plate_nesting=float("inf")):
+        super().__init__(num_particles=num_particles, vectorize_particles=True,
+                         max_plate_nesting=max_plate_nesting)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        log_w, scale = self.log_weights(model, guide, *args, **kwargs)
-        log_mean_w = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
-        return -scale * log_mean_w.sum()
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        K = self.num_particles
+        guide_trace, model_trace = sample_traces(model, guide, args, kwargs, K, self.max_plate_nesting)
+        sites = [site for trace in (guide_trace, model_trace) for site in trace.nodes.values()
+                 if site["type"] == "sample"]
+        scale = next(((f.full_size or f.size) / f.size for site in sites for f in site["cond_indep_stack"]
+                      if f.name == DATA_PLATE), 1.0)
+        densities = trace_log_densities(guide_trace, model_trace, K)
+        (model_local, model_global), (guide_local, guide_global) = densities["model"], densities["guide"]
+        local = model_local - guide_local
+        if all(is_local(site) for site in sites):  # no global terms: a bound per data point
+            return -scale * (torch.logsumexp(local, 0) - math.log(K)).sum()
+        return -(torch.logsumexp(scale * local.sum(-1) + model_global - guide_global, 0) - math.log(K))
 
     def loss(self, model, guide, *args, **kwargs):
         with torch.no_grad():
@@ -156,7 +137,6 @@ class IWAE(Trace_ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()
-
 
 
 def make_elbo(elbo, *, num_particles=1, vectorize_particles=True, max_plate_nesting=None,
