@@ -5,10 +5,11 @@ Adam, single-sample Trace ELBO, statically binarized images), fitted by ``vi_too
 and by Pyro's tutorial loop (``vae_vs_pyro_loop.pyro_loop``) from the same weights:
 
 * against N, the number of training images, at H = ``--hidden``: an epoch is N / B steps,
-  so both should be linear in N (slope 1 on the log-log plot) once past the warm-up;
-* against the width H at N = ``--points``: the compute per step grows like H while the
-  per-step overhead of Pyro and Python does not, so the loop's overhead over ``fit`` is
-  largest for small networks and vanishes for wide ones.
+  so both grow linearly in N (slope 1 on the log-log plot) once past the warm-up;
+* against the width H at N = ``--points``: small networks are bound by the per-step work
+  of Python and Pyro, which both share; wide ones by the matrix products, where ``fit``'s
+  oneDNN products (``vi_toolkit.linear``, on CPUs where it is chosen) pull away from the
+  loop's (``loop_over_fit_by_width`` in ``metrics.json``).
 
 Seconds per epoch are the median over the epochs after the first (warm-up) one.
 Writes ``scaling_points.png`` and ``scaling_width.png`` (log-log) and ``metrics.json``.
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from vae_speed import run_fit, run_pyro_loop
+from vae_speed import metric_key, run_fit, run_pyro_loop
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser, use_cores
@@ -74,7 +75,7 @@ def main(argv=None):
     metrics = {"dataset": "digits" if args.quick else args.dataset, "threads": torch.get_num_threads(),
                "batch_size": args.batch_size, "sizes": args.sizes, "widths": args.widths}
     for name in IMPLEMENTATIONS:
-        key = name.replace(" ", "_")
+        key = metric_key(name)
         metrics[f"{key}_seconds_by_points"] = by_points[name]
         metrics[f"{key}_seconds_by_width"] = by_width[name]
     metrics["loop_over_fit_by_width"] = [b / a for a, b in zip(by_width["fit"], by_width["pyro loop"])]

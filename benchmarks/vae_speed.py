@@ -20,6 +20,7 @@ its last epoch, so that equal work is visible.
 """
 
 import os
+import re
 import statistics
 import time
 
@@ -139,6 +140,11 @@ def run_numpyro(x, args, batch):
     return per_epoch(times), -float(total) / steps / n
 
 
+def metric_key(name):
+    """``"fit (torch BLAS)"`` -> ``"fit_torch_BLAS"``: an implementation's name in metrics.json."""
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
 IMPLEMENTATIONS = {"fit": run_fit, "fit (torch BLAS)": run_fit_torch_linear, "pyro loop": run_pyro_loop,
                    "torch": run_torch, "numpyro": run_numpyro}
 
@@ -172,15 +178,15 @@ def main(argv=None):
             except ImportError as err:
                 print(f"{name}: skipped ({err}); install the bench extra")
                 continue
-            key = name.replace(" ", "_")
+            key = metric_key(name)
             metrics[f"b{batch}_{key}_seconds_per_epoch"] = seconds
             metrics[f"b{batch}_{key}_train_elbo"] = elbo
             table.append((batch, name, seconds, elbo))
-    print(f"\n{'batch':>6} {'implementation':<12} {'s/epoch':>9} {'vs fit':>7} {'train ELBO':>11}")
+    print(f"\n{'batch':>6} {'implementation':<18} {'s/epoch':>9} {'vs fit':>7} {'train ELBO':>11}")
     for batch, name, seconds, elbo in sorted(table, key=lambda row: row[0]):
         ratio = seconds / metrics[f"b{batch}_fit_seconds_per_epoch"]
-        metrics[f"b{batch}_{name.replace(' ', '_')}_vs_fit"] = ratio
-        print(f"{batch:>6} {name:<12} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}")
+        metrics[f"b{batch}_{metric_key(name)}_vs_fit"] = ratio
+        print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}")
     plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
                     os.path.join(args.out, "seconds_per_epoch.png"), ylabel="seconds per epoch",
                     title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}")

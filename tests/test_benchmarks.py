@@ -1,0 +1,51 @@
+"""Smoke tests of the benchmarks' quick modes: each runs, writes its outputs, and does equal work.
+
+No timing is asserted: the figures are the benchmarks' to report, not the tests' to check.
+"""
+
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_quick(tmp_path, load_main, keep_threads, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # benchmarks import each other
+
+    def run(script, *figures):
+        metrics = load_main(f"benchmarks/{script}")(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+        for name in figures + ("metrics.json",):
+            assert (tmp_path / name).stat().st_size > 0, name
+        with open(tmp_path / "metrics.json") as f:
+            assert json.load(f).keys() == metrics.keys()
+        return metrics
+
+    return run
+
+
+def test_classic_models_reach_the_references_log_likelihood(run_quick):
+    pytest.importorskip("hmmlearn")
+    metrics = run_quick("classic_models.py", "seconds_to_target.png")
+    rows = {row["model"].split(" ")[0]: row for row in metrics["rows"]}
+    assert set(rows) == {"GMM", "HMM", "PPCA"}
+    for name in ("GMM", "HMM"):  # L-BFGS on the exact marginal gets to EM's optimum
+        row = rows[name]
+        assert row["toolkit_seconds_to_target"] is not None, name
+        assert row["toolkit_final_loglik"] >= row["target_loglik"]
+        assert row["reference_seconds_to_target"] is not None, name
+
+
+def test_iwae_throughput_estimates_agree_with_hand_written_pytorch(run_quick):
+    metrics = run_quick("iwae_throughput.py", "iwae_throughput.png")
+    assert abs(metrics["difference_in_standard_errors"]) < 4  # the same estimator, other draws
+    assert metrics["best_toolkit_samples_per_second"] > 0
+
+
+def test_scaling_sweeps_points_and_widths(run_quick):
+    metrics = run_quick("scaling.py", "scaling_points.png", "scaling_width.png")
+    assert len(metrics["fit_seconds_by_points"]) == len(metrics["sizes"])
+    assert len(metrics["pyro_loop_seconds_by_width"]) == len(metrics["widths"])
+    assert all(seconds > 0 for seconds in metrics["fit_seconds_by_points"] + metrics["fit_seconds_by_width"])
