@@ -31,7 +31,7 @@ from pyro.infer.trace_elbo import _compute_log_r
 from torch.distributions import kl_divergence
 
 from .plates import DATA_PLATE
-from .weights import is_local, sample_traces, trace_log_densities
+from .weights import is_local, sample_traces, trace_log_weights
 
 ELBO_NAMES = ("auto", "trace", "meanfield", "enum", "iwae")
 
@@ -102,9 +102,9 @@ class IWAE(Trace_ELBO):
     L_1 is the ELBO and L_K increases to log p(x) as K grows (Burda et al. 2016).
     The K particles are always vectorized, and discrete local latents that the model
     marks for enumeration are summed out of the weights exactly
-    (:func:`vi_toolkit.weights.log_weights`). When every latent site of the guide lies
-    inside the plate over data points (``vi_toolkit.data_plate``) the bound is taken per
-    data point, (N/B) sum_i log 1/K sum_k w_ik for a minibatch of B of N points; otherwise
+    (:func:`vi_toolkit.weights.log_weights`). When every sample site, of the model and
+    of the guide, lies inside the plate over data points (``vi_toolkit.data_plate``) the
+    bound is taken per data point, (N/B) sum_i log 1/K sum_k w_ik for a minibatch of B of N points; otherwise
     the whole batch is weighted jointly, log 1/K sum_k exp((N/B) sum_i log w_ik + log
     p(theta_k) - log q(theta_k)), as Pyro's ``RenyiELBO(alpha=0)`` does.
     """
@@ -122,12 +122,10 @@ class IWAE(Trace_ELBO):
                  if site["type"] == "sample"]
         scale = next(((f.full_size or f.size) / f.size for site in sites for f in site["cond_indep_stack"]
                       if f.name == DATA_PLATE), 1.0)
-        densities = trace_log_densities(guide_trace, model_trace, K)
-        (model_local, model_global), (guide_local, guide_global) = densities["model"], densities["guide"]
-        local = model_local - guide_local
+        local, global_ = trace_log_weights(guide_trace, model_trace, K)
         if all(is_local(site) for site in sites):  # no global terms: a bound per data point
             return -scale * (torch.logsumexp(local, 0) - math.log(K)).sum()
-        return -(torch.logsumexp(scale * local.sum(-1) + model_global - guide_global, 0) - math.log(K))
+        return -(torch.logsumexp(scale * local.sum(-1) + global_, 0) - math.log(K))
 
     def loss(self, model, guide, *args, **kwargs):
         with torch.no_grad():

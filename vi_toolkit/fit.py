@@ -289,8 +289,8 @@ class _Fit:
         layers = any(isinstance(layer, torch.nn.Linear)
                      for module in _modules(self.model, self.guide).values() for layer in module.modules())
         backend = self.linear_backend if layers or self.linear_backend != "auto" else "torch"
-        self.config["linear_backend"] = resolve_backend(backend, self.device)
-        return linear_backend(backend, self.device)
+        self.config["linear_backend"] = resolved = resolve_backend(backend, self.device)
+        return linear_backend(resolved, self.device)
 
     def initialise(self):
         """Run guide and model once: create (lazy) parameters, pick the ELBO, check plates."""

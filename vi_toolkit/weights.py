@@ -147,6 +147,11 @@ def log_weights(model, guide, args, kwargs, num_samples, max_plate_nesting, *,
     joint log weight of the batch is local.sum(1) + global_.
     """
     traces = sample_traces(model, guide, args, kwargs, num_samples, max_plate_nesting)
-    densities = trace_log_densities(*traces, num_samples, data_plate=data_plate)
+    return trace_log_weights(*traces, num_samples, data_plate=data_plate)
+
+
+def trace_log_weights(guide_trace, model_trace, num_samples, *, data_plate=DATA_PLATE):
+    """:func:`log_weights` of the traces of :func:`sample_traces`: ``(local, global_)``."""
+    densities = trace_log_densities(guide_trace, model_trace, num_samples, data_plate=data_plate)
     (model_local, model_global), (guide_local, guide_global) = densities["model"], densities["guide"]
     return model_local - guide_local, model_global - guide_global
