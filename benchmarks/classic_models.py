@@ -3,14 +3,14 @@
 On the same simulated data and the same number of components / states / dimensions:
 
 * Gaussian mixture (K = 3, full covariances, D = 2, overlapping components):
-  scikit-learn's ``GaussianMixture`` (EM from k-means) vs ``guides.gmm.fit_gmm`` (MAP,
+  scikit-learn's ``GaussianMixture`` (EM from k-means) vs ``vi_toolkit.guides.gmm.fit_gmm`` (MAP,
   assignments summed out by enumeration, L-BFGS, from k-means);
 * Gaussian HMM (K = 4 states, 2-D diagonal Gaussian emissions, sequences of 100 steps):
-  hmmlearn's ``GaussianHMM`` (Baum-Welch) vs ``guides.hmm.fit_hmm`` (MAP, the forward
+  hmmlearn's ``GaussianHMM`` (Baum-Welch) vs ``vi_toolkit.guides.hmm.fit_hmm`` (MAP, the forward
   algorithm as a parallel scan in Pyro's ``DiscreteHMM``, L-BFGS), both from
-  ``guides.hmm.hmm_init`` (hmmlearn's own initialisation can merge states on such data);
+  ``vi_toolkit.guides.hmm.hmm_init`` (hmmlearn's own initialisation can merge states on such data);
 * PPCA (D = 10, q = 2): scikit-learn's ``PCA`` (closed form; its ``score`` is the PPCA
-  log-likelihood) vs ``models.ppca`` with the amortized linear encoder (Adam with a cosine
+  log-likelihood) vs ``vi_toolkit.models.ppca`` with the amortized linear encoder (Adam with a cosine
   schedule over 2000 steps, minibatches of at most 10^4).
 
 The target of each row is the reference run to convergence (tolerance 1e-10): its
@@ -31,14 +31,14 @@ import warnings
 
 import torch
 
-from guides.gmm import MAPGuide as GMMMAPGuide
-from guides.gmm import fit_gmm
-from guides.hmm import MAPGuide as HMMMAPGuide
-from guides.hmm import fit_hmm, hmm_init
-from guides.ppca import LinearEncoder
-from models.gmm import GaussianMixture
-from models.hmm import HiddenMarkovModel
-from models.ppca import PPCA
+from vi_toolkit.guides.gmm import MAPGuide as GMMMAPGuide
+from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.guides.hmm import MAPGuide as HMMMAPGuide
+from vi_toolkit.guides.hmm import fit_hmm, hmm_init
+from vi_toolkit.guides.ppca import LinearEncoder
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.hmm import HiddenMarkovModel
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit, plots
 from vi_toolkit.scripts import print_summary, script_parser, write_metrics
 

@@ -1,6 +1,6 @@
 """Seconds per epoch of one MLP VAE in five implementations, side by side in one process.
 
-The Bernoulli VAE of ``models.vae`` / ``guides.vae`` (784-H-Z, softplus, one hidden layer),
+The Bernoulli VAE of ``vi_toolkit.models.vae`` / ``vi_toolkit.guides.vae`` (784-H-Z, softplus, one hidden layer),
 statically binarized images, Adam at the same learning rate, the same batch size, and the
 same objective (the single-sample Monte Carlo ELBO of Pyro's ``Trace_ELBO``):
 
@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vae_vs_pyro_loop import pyro_loop
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args

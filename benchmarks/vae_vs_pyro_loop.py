@@ -1,6 +1,6 @@
 """``fit`` against an idiomatic Pyro training loop for the same MLP VAE.
 
-Both train the Bernoulli-MLP VAE of ``models.vae`` / ``guides.vae`` (784-H-Z, one hidden
+Both train the Bernoulli-MLP VAE of ``vi_toolkit.models.vae`` / ``vi_toolkit.guides.vae`` (784-H-Z, one hidden
 layer, softplus as in Pyro's VAE tutorial) from the same initial weights, with Adam at the
 same learning rate, the same batch size and number of epochs, on binarized images:
 
@@ -27,8 +27,8 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.utils.data import DataLoader, TensorDataset
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.elbo import TraceELBO

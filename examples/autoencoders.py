@@ -1,7 +1,7 @@
 """Auto-encoders as one model family fitted by ``fit``: linear AE vs PCA, deep AEs, interpolation.
 
-Every auto-encoder here is ``models.vae.DeepLatentGaussian`` with a point-mass guide
-q(z | x) = delta(z - f(x)) (``guides.vae.DeltaEncoder``) and a flat prior, so the ELBO is
+Every auto-encoder here is ``vi_toolkit.models.vae.DeepLatentGaussian`` with a point-mass guide
+q(z | x) = delta(z - f(x)) (``vi_toolkit.guides.vae.DeltaEncoder``) and a flat prior, so the ELBO is
 exactly minus the reconstruction loss; the VAE is the same model with a N(0, I) prior and
 a Gaussian guide.
 
@@ -9,7 +9,7 @@ a Gaussian guide.
    sum_i ||x_i - g(f(x_i))||^2, fitted by full-batch L-BFGS on ``--linear-points`` training
    images, against PCA of the same images. Its optimum is PCA: g(f(x)) is the orthogonal
    projection of x onto the top-d principal subspace around the mean (the column space of W
-   is that subspace; W itself is any basis of it). PCA here is ``models.ppca.PPCA(D, d)``'s
+   is that subspace; W itself is any basis of it). PCA here is ``vi_toolkit.models.ppca.PPCA(D, d)``'s
    closed-form maximum-likelihood solution (Tipping & Bishop): mu = mean(x) and
    W_ppca = U_d (L_d - sigma^2 I)^(1/2) with U_d, L_d the top-d eigenvectors and eigenvalues
    of the sample covariance, so span(W_ppca) is the principal subspace and PCA's
@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from guides.vae import DeltaEncoder, GaussianEncoder
-from models.ppca import PPCA
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import DeltaEncoder, GaussianEncoder
+from vi_toolkit.models.ppca import PPCA
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser
@@ -89,7 +89,7 @@ def main(argv=None):
     metrics, start = {"dataset": data.name}, time.perf_counter()
 
     # 1. linear auto-encoder vs PCA (PPCA's closed form), both on the first --linear-points
-    # training images; PCA on the CPU (models.ppca builds its identity matrices there)
+    # training images; PCA on the CPU (vi_toolkit.models.ppca builds its identity matrices there)
     subset = data.train[:args.linear_points]
     flat_train, flat_test = subset.flatten(1).cpu(), x_test.flatten(1).cpu()
     ppca, L_max, directions = ppca_pca(flat_train, args.linear_dim)

@@ -1,8 +1,8 @@
 """Denoising auto-encoders: restore corrupted images, and the blur of E[x | x~].
 
-A denoising auto-encoder is ``models.vae.DeepLatentGaussian`` (flat prior, Bernoulli
+A denoising auto-encoder is ``vi_toolkit.models.vae.DeepLatentGaussian`` (flat prior, Bernoulli
 likelihood of the *clean* x) with a point-mass guide that encodes a corrupted x~ ~ c(x~ | x),
-drawn afresh at every step (``guides.vae.DeltaEncoder(..., corruption=Corruption(kind, level))``).
+drawn afresh at every step (``vi_toolkit.guides.vae.DeltaEncoder(..., corruption=Corruption(kind, level))``).
 For each corruption (Gaussian noise, masking, salt-and-pepper) the script shows corrupted,
 restored h(x~) = g(f(x~)) and clean test images.
 
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from guides.vae import Corruption, DeltaEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import Corruption, DeltaEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit
 from vi_toolkit.datasets import load_images
 from vi_toolkit.distributed import launched, rank

@@ -1,12 +1,12 @@
 """Gaussian mixture by variational inference with the assignments summed out; choosing K.
 
-By default the data are simulated from ``models.gmm`` itself with three well-separated
+By default the data are simulated from ``vi_toolkit.models.gmm`` itself with three well-separated
 2-D components (full covariances). ``--data FILE`` (.csv or .npy, one point per row)
 fits your own data instead, standardised per column. For K = 1..Kmax the mixture is
 fitted (MAP guide by default, k-means++ initialisation) and scored by its training ELBO
 and its exact held-out log-likelihood per point, log p(x) = logsumexp_k (log w_k + log
 N(x | mu_k, Sigma_k)); the smallest K within one standard error of the best held-out
-score is kept (``guides.gmm.select_K``), its points are
+score is kept (``vi_toolkit.guides.gmm.select_K``), its points are
 coloured by their MAP assignments (``infer_discrete``) and its components drawn as ellipses.
 """
 
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from guides.gmm import select_K
-from models.gmm import GaussianMixture
+from vi_toolkit.guides.gmm import select_K
+from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
 from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics

@@ -1,6 +1,6 @@
 """Hidden Markov model fitted by MAP with the states summed out; Viterbi and forward-backward.
 
-By default a batch of sequences of different lengths is simulated from ``models.hmm``
+By default a batch of sequences of different lengths is simulated from ``vi_toolkit.models.hmm``
 itself (3 states, Gaussian or, with ``--emission categorical``, categorical emissions).
 ``--data FILE`` (.csv or .npy) fits your own sequences: one time step per row, the
 first column an integer sequence id (rows of a sequence consecutive, in time order),
@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from guides.hmm import fit_hmm
-from models.hmm import HiddenMarkovModel, pad_sequences
+from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.models.hmm import HiddenMarkovModel, pad_sequences
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
 from vi_toolkit.scripts import finish, parse_args, script_parser

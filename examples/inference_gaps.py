@@ -13,8 +13,8 @@ then reports both gaps averaged over a subset of test images.
 
 import os
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.evaluation import inference_gaps

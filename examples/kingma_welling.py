@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser

@@ -1,14 +1,14 @@
 """Sampling from an auto-encoder's latent space, and from a VAE's prior, side by side.
 
-An auto-encoder (``models.vae.DeepLatentGaussian`` with a flat prior and a point-mass
+An auto-encoder (``vi_toolkit.models.vae.DeepLatentGaussian`` with a flat prior and a point-mass
 guide) defines no density over its latent space. As in the lecture, fit one to the codes
 z_i = f(x_i) of the training images, sample there and decode with g:
 
 * a factored Gaussian q(z) = N(mu^, diag sigma^2^) estimated on the codes (the lecture's
   unsatisfying result: the codes are not Gaussian, many samples decode to non-images);
 * a Gaussian mixture p(z | theta) = sum_k pi_k N(z; mu_k, diag s_k^2), the toolkit's
-  ``models.gmm.GaussianMixture`` (with its weak priors p(theta)) fitted to the codes by
-  ``guides.gmm.fit_gmm`` with the MAP guide: theta^ = argmax log p(theta) + sum_i
+  ``vi_toolkit.models.gmm.GaussianMixture`` (with its weak priors p(theta)) fitted to the codes by
+  ``vi_toolkit.guides.gmm.fit_gmm`` with the MAP guide: theta^ = argmax log p(theta) + sum_i
   log p(z_i | theta), the assignments summed out exactly (k-means++ initialisation, full-batch L-BFGS); samples z ~ p(z | theta^);
 * the VAE: z ~ p(z) = N(0, I), which its training made the codes' distribution.
 
@@ -25,10 +25,10 @@ import time
 import pyro.distributions as dist
 import torch
 
-from guides.gmm import fit_gmm
-from guides.vae import DeltaEncoder, GaussianEncoder
-from models.gmm import GaussianMixture
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.guides.vae import DeltaEncoder, GaussianEncoder
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser
@@ -62,7 +62,7 @@ def main(argv=None):
 
     # the lecture's factored Gaussian, estimated on the codes
     gauss = dist.Normal(codes.mean(0), codes.std(0)).to_event(1)
-    # a mixture of Gaussians: the MAP estimate of models.gmm's parameters
+    # a mixture of Gaussians: the MAP estimate of vi_toolkit.models.gmm's parameters
     gmm_fit, gmm_guide = fit_gmm(mixture, codes, guide="map", seed=args.seed, device=codes.device)
     theta = gmm_guide.point_estimate(gmm_fit)
     vae_model, vae_guide = DeepLatentGaussian(shape, d, hidden=hidden), GaussianEncoder(shape, d, hidden=hidden)

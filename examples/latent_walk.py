@@ -1,6 +1,6 @@
 """A random walk in a VAE's latent space, rendered as an animated GIF.
 
-A VAE (``models.vae.DeepLatentGaussian`` + ``guides.vae.GaussianEncoder``) is fitted, then
+A VAE (``vi_toolkit.models.vae.DeepLatentGaussian`` + ``vi_toolkit.guides.vae.GaussianEncoder``) is fitted, then
 the codes follow the autoregressive walk
 
     z_{t+1} = sqrt(1 - a^2) z_t + a eps_t,   eps_t ~ N(0, I),   z_0 ~ N(0, I),
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser

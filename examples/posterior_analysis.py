@@ -1,7 +1,7 @@
 """Posterior analysis and evaluation of variational fits: ArviZ, LOO, k-hat, SBC, held-out IWAE.
 
-1. Gaussian mixtures (``models.gmm``) with K = 1..5 components on 2-D data simulated with
-   K = 3, fitted by ``guides.gmm``'s mean-field guide with the assignments summed out:
+1. Gaussian mixtures (``vi_toolkit.models.gmm``) with K = 1..5 components on 2-D data simulated with
+   K = 3, fitted by ``vi_toolkit.guides.gmm``'s mean-field guide with the assignments summed out:
    each fit becomes an ArviZ ``InferenceData`` (posterior with the assignments drawn from
    p(z_i | x_i, theta), posterior predictive, pointwise log-likelihood log p(x_i | theta),
    observed data, sample stats; written as netCDF) and ``az.compare`` ranks them by PSIS-LOO.
@@ -23,12 +23,12 @@ import warnings
 import pyro
 import torch
 
-from guides import conjugate as conjugate_guide
-from guides.gmm import fit_gmm
-from guides.vae import GaussianEncoder
-from models import conjugate
-from models.gmm import GaussianMixture
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models import conjugate
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.analysis import to_inference_data
 from vi_toolkit.datasets import add_data_arguments, images_from_args

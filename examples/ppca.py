@@ -1,6 +1,6 @@
 """Probabilistic PCA by variational inference against Tipping & Bishop's closed form.
 
-By default the data are simulated from ``models.ppca`` itself (D = 10, q = 2);
+By default the data are simulated from ``vi_toolkit.models.ppca`` itself (D = 10, q = 2);
 ``--data FILE`` (.csv or .npy, one point per row) fits your own data. The model
 x = W z + mu + eps is fitted twice with ``vi_toolkit.fit``: with the amortized linear
 encoder q(z | x) = N(A x + c, L L^T) (the linear auto-encoder; it contains the exact
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from guides.ppca import LinearEncoder, PointwiseGuide
-from models.ppca import PPCA
+from vi_toolkit.guides.ppca import LinearEncoder, PointwiseGuide
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit, plots
 from vi_toolkit.io import load_array
 from vi_toolkit.scripts import finish, parse_args, script_parser

@@ -3,7 +3,7 @@
 Generative model: z ~ N(0, I),  h = ReLU(W1 z + b1),  mu(z) = W2 h + b2,
 log sigma^2(z) = W3 h + b3,  x | z ~ N(mu(z), diag sigma^2(z))  (``likelihood="gaussian"``).
 Inference model: h = ReLU(W4 x + b4), mu(x) = W5 h + b5, log sigma^2(x) = W6 h + b6,
-z = mu(x) + sigma(x) * eps  (``guides.vae.GaussianEncoder``).
+z = mu(x) + sigma(x) * eps  (``vi_toolkit.guides.vae.GaussianEncoder``).
 
     ELBO = E_eps[log p(x | z = mu + sigma * eps)] - KL(q(z | x) || p(z))
 
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.scripts import finish, parse_args, script_parser

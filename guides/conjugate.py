@@ -1,4 +1,4 @@
-"""Mean-field Normal guide for ``models.conjugate``: q(mu) = N(m, s^2)."""
+"""Mean-field Normal guide for ``vi_toolkit.models.conjugate``: q(mu) = N(m, s^2)."""
 
 import pyro
 import pyro.distributions as dist

@@ -1,4 +1,4 @@
-"""Guides for ``models.gmm`` on the global parameters theta = (w, mu, sigma, L).
+"""Guides for ``vi_toolkit.models.gmm`` on the global parameters theta = (w, mu, sigma, L).
 
 The assignments z_i are summed out by the enum ELBO, so neither guide has local sites.
 
@@ -20,7 +20,7 @@ import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import CorrCholeskyTransform
 
-from models.gmm import GaussianMixture
+from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.fit import fit
 
 
@@ -53,7 +53,7 @@ def _lloyd(x, centres, iterations):
 
 
 def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20, max_points=20_000):
-    """Initial ``params`` for ``models.gmm`` from k-means: weights, locs, scales (and L = I).
+    """Initial ``params`` for ``vi_toolkit.models.gmm`` from k-means: weights, locs, scales (and L = I).
 
     The centres are the best of ``n_init`` runs of k-means++ seeding and up to
     ``iterations`` Lloyd steps (lowest within-cluster sum of squares), run on a random
@@ -119,7 +119,7 @@ class MAPGuide:
                 pyro.sample("corr_cholesky", dist.Delta(corr, event_dim=2))
 
     def point_estimate(self, result):
-        """theta_hat of a fit of this guide, as ``params`` for ``models.gmm``."""
+        """theta_hat of a fit of this guide, as ``params`` for ``vi_toolkit.models.gmm``."""
         p = result.params
         return {site: p[f"{site}_map"] for site in ("weights", "locs", "scales", "corr_cholesky")
                 if f"{site}_map" in p}
@@ -159,7 +159,7 @@ class MeanFieldGuide:
                     dist.Normal(corr_l, corr_r).to_event(1), CorrCholeskyTransform()))
 
     def point_estimate(self, result):
-        """E_q[w], E_q[mu], the median of q(sigma) and T(l): point values for ``models.gmm``."""
+        """E_q[w], E_q[mu], the median of q(sigma) and T(l): point values for ``vi_toolkit.models.gmm``."""
         p = result.params
         est = {"locs": p["locs_loc"], "scales": p["scales_loc"].exp()}
         if "weights_concentration" in p:

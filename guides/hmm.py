@@ -1,11 +1,11 @@
-"""MAP guide for ``models.hmm``: point masses on theta = (pi, A, emission parameters).
+"""MAP guide for ``vi_toolkit.models.hmm``: point masses on theta = (pi, A, emission parameters).
 
 The hidden states are summed out inside the model (forward algorithm), so the ELBO
 with q(theta) = delta(theta - theta_hat) is log p(x | theta_hat) + log p(theta_hat),
 maximised at the MAP estimate: the Bayesian counterpart of Baum-Welch.
 
 Initialisation (:func:`hmm_init`): pi uniform, A = 0.5 I + 0.5/K (states persist);
-Gaussian emissions from k-means on all observed steps (``guides.gmm.kmeans_init``),
+Gaussian emissions from k-means on all observed steps (``vi_toolkit.guides.gmm.kmeans_init``),
 categorical ones from the overall frequencies of the codes, each state's perturbed
 by a seeded Dirichlet draw so that no two states start equal.
 """
@@ -15,8 +15,8 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from guides.gmm import kmeans_init
-from models.hmm import length_mask
+from vi_toolkit.guides.gmm import kmeans_init
+from vi_toolkit.models.hmm import length_mask
 from vi_toolkit.fit import fit
 
 
@@ -41,7 +41,7 @@ def hmm_init(hmm, sequences, lengths, *, seed=0):
 
 
 class MAPGuide:
-    """q(theta) = delta(theta - theta_hat) for a ``models.hmm.HiddenMarkovModel``.
+    """q(theta) = delta(theta - theta_hat) for a ``vi_toolkit.models.hmm.HiddenMarkovModel``.
 
     ``init`` holds the initial ``params`` (:func:`hmm_init`'s); None: :func:`hmm_init` on the
     data of the first call that creates the parameters (a fit's first batch).
@@ -73,7 +73,7 @@ class MAPGuide:
                 self._point(site, sequences, lengths)
 
     def point_estimate(self, result):
-        """theta_hat of a fit of this guide, as ``params`` for ``models.hmm``."""
+        """theta_hat of a fit of this guide, as ``params`` for ``vi_toolkit.models.hmm``."""
         return {site: value for site in self.SITES
                 if (value := result.params.get(f"{site}_map")) is not None}
 

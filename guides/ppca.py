@@ -1,4 +1,4 @@
-"""Guides for ``models.ppca``: an amortized linear encoder and per-point mean-field factors.
+"""Guides for ``vi_toolkit.models.ppca``: an amortized linear encoder and per-point mean-field factors.
 
 * ``LinearEncoder``: q(z_i | x_i) = N(A x_i + c, L L^T), A (q x D), c, and L lower
   triangular shared by all points: the linear auto-encoder's encoder with a noise
@@ -15,12 +15,12 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-from models.ppca import PPCA
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit.plates import data_plate
 
 
 class LinearEncoder:
-    """q(z_i | x_i) = N(A x_i + c, L L^T) for a ``models.ppca.PPCA`` model."""
+    """q(z_i | x_i) = N(A x_i + c, L L^T) for a ``vi_toolkit.models.ppca.PPCA`` model."""
 
     def __init__(self, ppca):
         self.ppca = ppca
@@ -37,7 +37,7 @@ class LinearEncoder:
 
     @staticmethod
     def point_estimate(result):
-        """The fitted ``W``, ``mu``, ``sigma``: ``params`` for ``models.ppca`` (PPCA's global
+        """The fitted ``W``, ``mu``, ``sigma``: ``params`` for ``vi_toolkit.models.ppca`` (PPCA's global
         quantities are parameters, not latents), as the other classic guides' ``point_estimate``."""
         return PPCA.params(result)
 
@@ -49,7 +49,7 @@ class LinearEncoder:
 
 
 class PointwiseGuide:
-    """q(z_i) = N(m_i, diag s_i^2) for each of ``num_points`` points of a ``models.ppca.PPCA``."""
+    """q(z_i) = N(m_i, diag s_i^2) for each of ``num_points`` points of a ``vi_toolkit.models.ppca.PPCA``."""
 
     def __init__(self, ppca, num_points, *, init_scale=0.1):
         self.ppca, self.num_points, self.init_scale = ppca, num_points, init_scale

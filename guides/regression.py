@@ -1,4 +1,4 @@
-"""Full-rank Gaussian guide for ``models.regression``: q(w) = N(m, L L^T)."""
+"""Full-rank Gaussian guide for ``vi_toolkit.models.regression``: q(w) = N(m, L L^T)."""
 
 import pyro
 import pyro.distributions as dist

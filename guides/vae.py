@@ -1,4 +1,4 @@
-"""Guides for ``models.vae.DeepLatentGaussian``: the inference side of auto-encoders and VAEs.
+"""Guides for ``vi_toolkit.models.vae.DeepLatentGaussian``: the inference side of auto-encoders and VAEs.
 
 Each guide is called like the model, ``guide(x, index=None, num_data=None)``, and opens
 the same data plate for its local codes z_i.
@@ -10,7 +10,7 @@ the same data plate for its local codes z_i.
   KL(q || p) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
   (the lecture writes the bracket without its minus sign: it is -KL).
 * :class:`DeltaEncoder`  q(z | x) = delta(z - f(x)): a deterministic encoder; the ELBO becomes
-  log p(x | g(f(x))) + log p(f(x)), i.e. an auto-encoder (see ``models.vae``).
+  log p(x | g(f(x))) + log p(f(x)), i.e. an auto-encoder (see ``vi_toolkit.models.vae``).
 * Either encoder with ``corruption=Corruption(...)`` is a **denoising** guide: it encodes
   x~ ~ c(x~ | x) (Gaussian noise, masking, or salt-and-pepper), drawn afresh at every call,
   while the model's likelihood still scores the clean x: h(x~) = g(f(x~)) ~ x.
@@ -72,7 +72,7 @@ class _Amortized(nn.Module):
                  channels=(32, 64), corruption=None):
         super().__init__()
         if corruption is not None and not isinstance(corruption, Corruption):
-            raise ValueError(f"corruption must be a guides.vae.Corruption or None, got {corruption!r}")
+            raise ValueError(f"corruption must be a vi_toolkit.guides.vae.Corruption or None, got {corruption!r}")
         self.encoder = Encoder(data_shape, latent_dim, arch=arch, hidden=hidden, activation=activation,
                                channels=channels, heads=self.heads)
         self.data_shape, self.latent_dim, self.corruption = self.encoder.data_shape, latent_dim, corruption

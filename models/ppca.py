@@ -5,7 +5,7 @@
 W (D x q), mu and sigma are parameters (maximum likelihood, type II); z_i is local.
 The marginal is x_i ~ N(mu, C) with C = W W^T + sigma^2 I, and the posterior is
 Gaussian, p(z_i | x_i) = N(M^-1 W^T (x_i - mu), sigma^2 M^-1), M = W^T W + sigma^2 I: a
-linear encoder with a covariance shared by all points, which ``guides.ppca.LinearEncoder``
+linear encoder with a covariance shared by all points, which ``vi_toolkit.guides.ppca.LinearEncoder``
 contains exactly, so its ELBO can reach max log p(x).
 
 The maximum of the log-likelihood is in closed form (:func:`closed_form`): with S the

@@ -10,7 +10,7 @@
   (sigma(z) is floored at ``min_scale`` so that constant pixels cannot make it diverge);
 * ``likelihood="gaussian_fixed"``  p(x | z) = N(x; mu(z), s^2 I) with a fixed ``scale`` s.
 
-Paired with an amortized Gaussian guide q(z | x) (``guides.vae``) this is the VAE of
+Paired with an amortized Gaussian guide q(z | x) (``vi_toolkit.guides.vae``) this is the VAE of
 Kingma & Welling (2013); with a point-mass guide q(z | x) = delta(z - f(x)) the ELBO is
 log p(x | g(f(x))) + log p(f(x)), an auto-encoder with reconstruction loss
 -log p(x | z) (cross-entropy, or squared error / 2 s^2 + const) and a penalty ||f(x)||^2 / 2

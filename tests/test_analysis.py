@@ -12,13 +12,13 @@ import torch
 from test_evaluation import (D, Q, gmm_data, gmm_log_joint, hmm_data, np_hmm_log_likelihood,
                              ppca_data, ppca_fit, ppca_ml_params)
 
-from guides import conjugate as conjugate_guide
-from guides import regression as regression_guide
-from guides.gmm import fit_gmm
-from guides.hmm import fit_hmm
-from models import conjugate, regression
-from models.gmm import GaussianMixture
-from models.hmm import HiddenMarkovModel
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.guides import regression as regression_guide
+from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.models import conjugate, regression
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.hmm import HiddenMarkovModel
 from vi_toolkit import fit, plots
 from vi_toolkit.analysis import to_inference_data
 

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from guides import conjugate as conjugate_guide
-from models import conjugate
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.models import conjugate
 from vi_toolkit import fit, load_checkpoint, save_checkpoint
 
 

@@ -12,14 +12,14 @@ import torch
 from test_evaluation import (D, Q, gmm_data, gmm_log_joint, hmm_data, np_hmm_log_likelihood, ppca_data,
                              ppca_exact)
 
-from guides import conjugate as conjugate_guide
-from guides.gmm import fit_gmm
-from guides.hmm import fit_hmm
-from guides.ppca import LinearEncoder
-from models import conjugate
-from models.gmm import GaussianMixture
-from models.hmm import HiddenMarkovModel
-from models.ppca import PPCA
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.guides.ppca import LinearEncoder
+from vi_toolkit.models import conjugate
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.hmm import HiddenMarkovModel
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit
 from vi_toolkit.cli import main
 from vi_toolkit.demo import SECTIONS
@@ -51,8 +51,8 @@ def test_evaluate_prints_the_heldout_estimates_of_a_checkpoint(tmp_path, capsys)
     fit(conjugate.model, conjugate_guide.guide, x, elbo="meanfield", num_steps=200, lr=0.1,
         progress=False, seed=0, checkpoint=tmp_path / "fit.pt")
     torch.save(x, tmp_path / "x.pt")
-    argv = ["evaluate", str(tmp_path / "fit.pt"), "--model", "models.conjugate:model",
-            "--guide", "guides.conjugate:guide", "--model-kwargs", '{"prior_scale": 10.0}',
+    argv = ["evaluate", str(tmp_path / "fit.pt"), "--model", "vi_toolkit.models.conjugate:model",
+            "--guide", "vi_toolkit.guides.conjugate:guide", "--model-kwargs", '{"prior_scale": 10.0}',
             "--data", str(tmp_path / "x.pt"), "--num-samples", "300", "--khat-samples", "500",
             "--device", "cpu"]
     assert main(argv) == 0
@@ -76,7 +76,7 @@ def gmm_case(tmp_path):
     result, guide = fit_gmm(mixture, gmm_data(150), checkpoint=tmp_path / "fit.pt")
     x = gmm_data(60, seed=1)
     exact = gmm_log_joint(x, guide.point_estimate(result)).logsumexp(-1)
-    return x, ["models.gmm:GaussianMixture", '{"K": 3, "D": 2}', "guides.gmm:MAPGuide"], exact
+    return x, ["vi_toolkit.models.gmm:GaussianMixture", '{"K": 3, "D": 2}', "vi_toolkit.guides.gmm:MAPGuide"], exact
 
 
 def hmm_case(tmp_path):
@@ -85,7 +85,7 @@ def hmm_case(tmp_path):
     result, guide = fit_hmm(HiddenMarkovModel(3), sequences, lengths, checkpoint=tmp_path / "fit.pt")
     data = hmm_data(10, seed=1)
     exact = torch.from_numpy(np_hmm_log_likelihood(*data, guide.point_estimate(result)))
-    return data, ["models.hmm:HiddenMarkovModel", '{"K": 3}', "guides.hmm:MAPGuide"], exact
+    return data, ["vi_toolkit.models.hmm:HiddenMarkovModel", '{"K": 3}', "vi_toolkit.guides.hmm:MAPGuide"], exact
 
 
 def ppca_case(tmp_path):
@@ -95,7 +95,7 @@ def ppca_case(tmp_path):
                  progress=False, seed=0, checkpoint=tmp_path / "fit.pt")
     x = ppca_data(50, seed=1)
     exact = torch.from_numpy(ppca_exact(result.params, x)[0])
-    return x, ["models.ppca:PPCA", f'{{"D": {D}, "q": {Q}}}', "guides.ppca:LinearEncoder"], exact
+    return x, ["vi_toolkit.models.ppca:PPCA", f'{{"D": {D}, "q": {Q}}}', "vi_toolkit.guides.ppca:LinearEncoder"], exact
 
 
 def printed(out, label):
@@ -114,6 +114,6 @@ def test_evaluate_prints_the_exact_marginal_of_a_classic_model(case, tmp_path, c
     out = capsys.readouterr().out
     assert printed(out, "exact log-likelihood / point") == pytest.approx(float(exact.mean()), abs=2e-4)
     assert abs(printed(out, "exact - IWAE")) < 0.01  # exact for the MAP guides, Monte Carlo for PPCA
-    argv[argv.index(guide)] = "guides.conjugate:guide"  # a function cannot take the model
+    argv[argv.index(guide)] = "vi_toolkit.guides.conjugate:guide"  # a function cannot take the model
     assert main(argv) == 2
-    assert "--guide: guides.conjugate:guide is a function" in capsys.readouterr().err
+    assert "--guide: vi_toolkit.guides.conjugate:guide is a function" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_evaluation import ppca_data, ppca_fit, ppca_ml_params
 
-from guides import conjugate as conjugate_guide
-from models import conjugate
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.models import conjugate
 from vi_toolkit import fit, plots
 from vi_toolkit.diagnostics import khat_reading, psis_khat, simulation_based_calibration
 

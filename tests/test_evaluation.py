@@ -15,12 +15,12 @@ import torch
 from test_hmm import TRUE as HMM_TRUE
 from test_hmm import np_emission, np_forward_backward
 
-from guides.gmm import MAPGuide, fit_gmm
-from guides.hmm import fit_hmm
-from guides.ppca import LinearEncoder, PointwiseGuide
-from models.gmm import GaussianMixture
-from models.hmm import HiddenMarkovModel
-from models.ppca import PPCA
+from vi_toolkit.guides.gmm import MAPGuide, fit_gmm
+from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.guides.ppca import LinearEncoder, PointwiseGuide
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.models.hmm import HiddenMarkovModel
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import data_plate, fit
 from vi_toolkit.evaluation import (evaluate, inference_gaps, load_fit, log_likelihood_per_point,
                                    pointwise_estimates)

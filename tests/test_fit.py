@@ -9,8 +9,8 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
 from torch.distributions import constraints
 
-from guides import conjugate as conjugate_guide
-from models import conjugate
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.models import conjugate
 from vi_toolkit import DivergenceError, FitError, data_plate, fit, make_elbo
 from vi_toolkit.data import FitData
 from vi_toolkit.elbo import IWAE, TraceELBO, TraceMeanFieldELBO

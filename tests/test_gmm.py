@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from guides.gmm import fit_gmm, kmeans_init, select_K
-from models.gmm import GaussianMixture
+from vi_toolkit.guides.gmm import fit_gmm, kmeans_init, select_K
+from vi_toolkit.models.gmm import GaussianMixture
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
         "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
@@ -153,7 +153,7 @@ def test_iwae_sums_out_the_assignments_exactly():
     p(x | theta_hat) p(theta_hat): the IWAE loss equals Pyro's enumerated ELBO, minibatch too."""
     from pyro.infer import TraceEnum_ELBO
 
-    from guides.gmm import MAPGuide
+    from vi_toolkit.guides.gmm import MAPGuide
     from vi_toolkit import make_elbo
 
     gen = torch.Generator().manual_seed(3)

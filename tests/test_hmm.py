@@ -5,8 +5,8 @@ import pytest
 import torch
 from pyro import poutine
 
-from guides.hmm import fit_hmm
-from models.hmm import HiddenMarkovModel, pad_sequences
+from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.models.hmm import HiddenMarkovModel, pad_sequences
 
 TRUE = {"initial": torch.tensor([0.6, 0.3, 0.1]),
         "transition": torch.tensor([[0.90, 0.05, 0.05], [0.10, 0.80, 0.10], [0.05, 0.15, 0.80]]),

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guides.vae import GaussianEncoder
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import GaussianEncoder
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit
 from vi_toolkit.linear import linear_backend, onednn_available, onednn_linear, resolve_backend
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from guides import conjugate as conjugate_guide
-from guides import regression as regression_guide
-from models import conjugate, regression
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.guides import regression as regression_guide
+from vi_toolkit.models import conjugate, regression
 from vi_toolkit import fit
 
 SETTINGS = dict(elbo="meanfield", lr=0.2, lr_schedule="exponential", num_particles=8,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from guides.ppca import LinearEncoder, PointwiseGuide
-from models.ppca import PPCA
+from vi_toolkit.guides.ppca import LinearEncoder, PointwiseGuide
+from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit
 
 D, Q, N = 5, 2, 500

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guides.vae import Corruption, DeltaEncoder, GaussianEncoder, IAFEncoder, MeanFieldCodes
-from models.vae import DeepLatentGaussian
+from vi_toolkit.guides.vae import Corruption, DeltaEncoder, GaussianEncoder, IAFEncoder, MeanFieldCodes
+from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit
 from vi_toolkit.datasets import load_images
 from vi_toolkit.elbo import TraceELBO, TraceMeanFieldELBO

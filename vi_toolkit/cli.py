@@ -26,9 +26,9 @@ def _load_model_and_guide(args):
     """(model, guide, exact) named by --model and --guide, built with their JSON kwargs.
 
     A model class whose instance has a ``model`` method is a classic model
-    (``models.gmm:GaussianMixture``, ``models.hmm:HiddenMarkovModel``, ``models.ppca:PPCA``):
+    (``vi_toolkit.models.gmm:GaussianMixture``, ``vi_toolkit.models.hmm:HiddenMarkovModel``, ``vi_toolkit.models.ppca:PPCA``):
     the Pyro model is that method, the guide class gets the instance as its first argument
-    (``guides.gmm:MAPGuide`` becomes ``MAPGuide(mixture, **guide_kwargs)``), and ``exact`` is
+    (``vi_toolkit.guides.gmm:MAPGuide`` becomes ``MAPGuide(mixture, **guide_kwargs)``), and ``exact`` is
     the instance if it has an exact ``log_likelihood``; otherwise ``exact`` is None.
     """
     from .evaluation import load_object
@@ -100,15 +100,15 @@ def build_parser():
         description="Load a checkpoint written by fit(checkpoint=...) into a model and guide and "
                     "print, on a data set, the ELBO and the importance-weighted log-likelihood "
                     "per data point and the PSIS k-hat of the guide. Example: vi-toolkit evaluate "
-                    "fit.pt --model models.vae:DeepLatentGaussian --guide guides.vae:GaussianEncoder "
+                    "fit.pt --model vi_toolkit.models.vae:DeepLatentGaussian --guide vi_toolkit.guides.vae:GaussianEncoder "
                     "--model-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
                     "--guide-kwargs '{\"data_shape\": [1, 8, 8], \"latent_dim\": 10}' "
                     "--dataset digits --split test. A classic model class "
-                    "(models.gmm:GaussianMixture, models.hmm:HiddenMarkovModel, models.ppca:PPCA) "
+                    "(vi_toolkit.models.gmm:GaussianMixture, vi_toolkit.models.hmm:HiddenMarkovModel, vi_toolkit.models.ppca:PPCA) "
                     "is built with --model-kwargs, its guide class gets it as first argument, "
                     "and its exact log-likelihood at the fit's point estimate is printed too: "
-                    "vi-toolkit evaluate fit.pt --model models.gmm:GaussianMixture "
-                    "--model-kwargs '{\"K\": 3, \"D\": 2}' --guide guides.gmm:MAPGuide --data x.pt")
+                    "vi-toolkit evaluate fit.pt --model vi_toolkit.models.gmm:GaussianMixture "
+                    "--model-kwargs '{\"K\": 3, \"D\": 2}' --guide vi_toolkit.guides.gmm:MAPGuide --data x.pt")
     evaluate.add_argument("checkpoint", help="a checkpoint file written by vi_toolkit.fit")
     evaluate.add_argument("--model", required=True,
                           help="package.module:attribute, a model function, an nn.Module class "

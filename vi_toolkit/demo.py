@@ -22,8 +22,8 @@ DEMO_EXAMPLES = ["posterior_analysis", "autoencoders", "denoising", "latent_samp
 
 
 def conjugate_section(seed, device, quick):
-    from guides import conjugate as conjugate_guide
-    from models import conjugate
+    from vi_toolkit.guides import conjugate as conjugate_guide
+    from vi_toolkit.models import conjugate
 
     gen = torch.Generator().manual_seed(seed)
     x = 3.0 + torch.randn(200, generator=gen)
@@ -41,8 +41,8 @@ def conjugate_section(seed, device, quick):
 
 
 def regression_section(seed, device, quick):
-    from guides import regression as regression_guide
-    from models import regression
+    from vi_toolkit.guides import regression as regression_guide
+    from vi_toolkit.models import regression
 
     gen = torch.Generator().manual_seed(seed)
     X = torch.randn(100, 3, generator=gen)

@@ -167,8 +167,8 @@ def _mean_se(values):
 def exact_log_likelihood(exact, result, tensors):
     """The exact log p(x_i) of each point of the data's ``tensors``, shape (N,), from ``exact``:
 
-    * a classic model (``models.gmm.GaussianMixture``, ``models.hmm.HiddenMarkovModel``,
-      ``models.ppca.PPCA``: an object with ``log_likelihood(*tensors, params)``) is evaluated
+    * a classic model (``vi_toolkit.models.gmm.GaussianMixture``, ``vi_toolkit.models.hmm.HiddenMarkovModel``,
+      ``vi_toolkit.models.ppca.PPCA``: an object with ``log_likelihood(*tensors, params)``) is evaluated
       at the fit's point estimate, ``params = result.guide.point_estimate(result)``: the
       marginal log p(x_i | theta_hat) with the local latents summed out in closed form (a
       mixture's log sum_k w_k N(x_i | mu_k, Sigma_k), an HMM's forward algorithm, PPCA's
@@ -390,9 +390,9 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
 def load_object(spec, kwargs=None, *, name="model", args=()):
     """The model or guide named ``"package.module:attribute"``, built with ``kwargs``.
 
-    A class (an ``nn.Module`` such as ``models.vae:DeepLatentGaussian``, a classic model
-    such as ``models.gmm:GaussianMixture``, a guide class) is instantiated with ``args``
-    and ``kwargs``; a function (``models.conjugate:model``) gets ``kwargs`` bound as
+    A class (an ``nn.Module`` such as ``vi_toolkit.models.vae:DeepLatentGaussian``, a classic model
+    such as ``vi_toolkit.models.gmm:GaussianMixture``, a guide class) is instantiated with ``args``
+    and ``kwargs``; a function (``vi_toolkit.models.conjugate:model``) gets ``kwargs`` bound as
     keywords and takes no ``args``.
     """
     import functools
