@@ -3,12 +3,12 @@
 On the same simulated data and the same number of components / states / dimensions:
 
 * Gaussian mixture (K = 3, full covariances, D = 2, overlapping components):
-  scikit-learn's ``GaussianMixture`` (EM from k-means) vs ``vi_toolkit.guides.gmm.fit_gmm`` (MAP,
+  scikit-learn's ``GaussianMixture`` (EM from k-means) vs ``vi_toolkit.recipes.fit_gmm`` (MAP,
   assignments summed out by enumeration, L-BFGS, from k-means);
 * Gaussian HMM (K = 4 states, 2-D diagonal Gaussian emissions, sequences of 100 steps):
-  hmmlearn's ``GaussianHMM`` (Baum-Welch) vs ``vi_toolkit.guides.hmm.fit_hmm`` (MAP, the forward
+  hmmlearn's ``GaussianHMM`` (Baum-Welch) vs ``vi_toolkit.recipes.fit_hmm`` (MAP, the forward
   algorithm as a parallel scan in Pyro's ``DiscreteHMM``, L-BFGS), both from
-  ``vi_toolkit.guides.hmm.hmm_init`` (hmmlearn's own initialisation can merge states on such data);
+  ``vi_toolkit.initialization.hmm_init`` (hmmlearn's own initialisation can merge states on such data);
 * PPCA (D = 10, q = 2): scikit-learn's ``PCA`` (closed form; its ``score`` is the PPCA
   log-likelihood) vs ``vi_toolkit.models.ppca`` with the amortized linear encoder (Adam with a cosine
   schedule over 2000 steps, minibatches of at most 10^4).
@@ -32,9 +32,10 @@ import warnings
 import torch
 
 from vi_toolkit.guides.gmm import MAPGuide as GMMMAPGuide
-from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.recipes import fit_gmm
 from vi_toolkit.guides.hmm import MAPGuide as HMMMAPGuide
-from vi_toolkit.guides.hmm import fit_hmm, hmm_init
+from vi_toolkit.initialization import hmm_init
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.guides.ppca import LinearEncoder
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.hmm import HiddenMarkovModel
@@ -118,8 +119,8 @@ def gmm_row(n, seed, tolerance):
     ref = first_reaching(em.snapshots, em_score, target, t0)
     estimate = GMMMAPGuide(mixture, init=None).point_estimate
     clock = Clock(lambda r: float(mixture.log_likelihood(x_test, estimate(r)).mean()), target)
-    fit_gmm(mixture, x, seed=seed, log_every=1, num_steps=500, tol_rel_obj=None,
-            optimizer_args={"max_iter": 3}, callbacks=[clock.start()])
+    fit_gmm(mixture, x, seed=seed, num_steps=500, tol_rel_obj=None,
+            options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock.start()])
     return ("GMM (K=3, full, D=2)", "sklearn GaussianMixture (EM)", target + tolerance, ref, clock)
 
 
@@ -161,8 +162,8 @@ def hmm_row(n, seed, tolerance):
     ref = first_reaching(bw.snapshots, bw_score, target, t0)
     estimate = HMMMAPGuide(hmm, init=None).point_estimate
     clock = Clock(lambda r: float(hmm.log_likelihood(x_test, lengths, estimate(r)).sum()) / steps, target)
-    fit_hmm(hmm, x, lengths, seed=seed, log_every=1, num_steps=500, tol_rel_obj=None,
-            optimizer_args={"max_iter": 3}, callbacks=[clock.start()])
+    fit_hmm(hmm, x, lengths, seed=seed, num_steps=500, tol_rel_obj=None,
+            options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock.start()])
     return ("HMM (K=4, Gaussian, D=2)", "hmmlearn GaussianHMM (Baum-Welch)", target + tolerance, ref, clock)
 
 
@@ -182,7 +183,7 @@ def ppca_row(n, seed, tolerance):
     clock = Clock(lambda r: float(ppca.log_likelihood(x_test, PPCA.params(r)).mean()), target)
     batch = min(n, 10_000)
     fit(ppca.model, LinearEncoder(ppca), x, lr=0.05, num_steps=2000, batch_size=batch, num_particles=4,
-        lr_schedule="cosine", seed=seed, progress=False, log_every=20, callbacks=[clock.start()])
+        lr_schedule="cosine", seed=seed, progress=False, options={"log_every": 20}, callbacks=[clock.start()])
     return ("PPCA (D=10, q=2)", "sklearn PCA (closed form)", target + tolerance, (ref_time, 1, target), clock)
 
 

@@ -50,7 +50,7 @@ def per_epoch(times):
 def run_fit(x, args, batch, linear_backend="auto"):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
     result = fit(model, guide, x, elbo="trace", batch_size=batch, num_epochs=args.epochs, lr=args.lr,
-                 seed=args.seed, progress=False, linear_backend=linear_backend)
+                 seed=args.seed, progress=False, options={"linear_backend": linear_backend})
     return per_epoch(result.history["time"]), result.elbo
 
 

@@ -6,7 +6,7 @@ fits your own data instead, standardised per column. For K = 1..Kmax the mixture
 fitted (MAP guide by default, k-means++ initialisation) and scored by its training ELBO
 and its exact held-out log-likelihood per point, log p(x) = logsumexp_k (log w_k + log
 N(x | mu_k, Sigma_k)); the smallest K within one standard error of the best held-out
-score is kept (``vi_toolkit.guides.gmm.select_K``), its points are
+score is kept (``vi_toolkit.recipes.select_K``), its points are
 coloured by their MAP assignments (``infer_discrete``) and its components drawn as ellipses.
 """
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from vi_toolkit.guides.gmm import select_K
+from vi_toolkit.recipes import select_K
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit import plots
 from vi_toolkit.io import load_array

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.models.hmm import HiddenMarkovModel, pad_sequences
 from vi_toolkit import plots
 from vi_toolkit.io import load_array

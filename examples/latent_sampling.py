@@ -8,7 +8,7 @@ z_i = f(x_i) of the training images, sample there and decode with g:
   unsatisfying result: the codes are not Gaussian, many samples decode to non-images);
 * a Gaussian mixture p(z | theta) = sum_k pi_k N(z; mu_k, diag s_k^2), the toolkit's
   ``vi_toolkit.models.gmm.GaussianMixture`` (with its weak priors p(theta)) fitted to the codes by
-  ``vi_toolkit.guides.gmm.fit_gmm`` with the MAP guide: theta^ = argmax log p(theta) + sum_i
+  ``vi_toolkit.recipes.fit_gmm`` with the MAP guide: theta^ = argmax log p(theta) + sum_i
   log p(z_i | theta), the assignments summed out exactly (k-means++ initialisation, full-batch L-BFGS); samples z ~ p(z | theta^);
 * the VAE: z ~ p(z) = N(0, I), which its training made the codes' distribution.
 
@@ -25,7 +25,7 @@ import time
 import pyro.distributions as dist
 import torch
 
-from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.recipes import fit_gmm
 from vi_toolkit.guides.vae import DeltaEncoder, GaussianEncoder
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.vae import DeepLatentGaussian

@@ -24,7 +24,7 @@ import pyro
 import torch
 
 from vi_toolkit.guides import conjugate as conjugate_guide
-from vi_toolkit.guides.gmm import fit_gmm
+from vi_toolkit.recipes import fit_gmm
 from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models import conjugate
 from vi_toolkit.models.gmm import GaussianMixture

@@ -8,10 +8,9 @@ The assignments z_i are summed out by the enum ELBO, so neither guide has local 
   q(sigma_kd) = LogNormal(a_kd, b_kd^2) and, for full covariances, L_k = T(u_k) with
   u_k ~ N(l_k, diag r_k^2) in R^{D(D-1)/2} and T the correlation-Cholesky transform.
 
-Both start from :func:`kmeans_init` (the best of ``n_init`` k-means runs from k-means++
-seedings, by within-cluster sum of squares), so a fit does not depend on a lucky draw;
-:func:`fit_gmm` adds restarts from different seedings, keeping the best ELBO, and
-:func:`select_K` fits K = 1..Kmax and scores each on held-out data.
+Both start from :func:`vi_toolkit.initialization.kmeans_init` (the best of ``n_init``
+k-means runs), so a fit does not depend on a lucky draw; :mod:`vi_toolkit.recipes` adds
+restarts (``fit_gmm``) and the choice of K on held-out data (``select_K``).
 """
 
 import pyro
@@ -20,66 +19,7 @@ import torch
 from torch.distributions import constraints
 from torch.distributions.transforms import CorrCholeskyTransform
 
-from vi_toolkit.models.gmm import GaussianMixture
-from vi_toolkit.fit import fit
-
-
-def _kmeans_pp(x, K, generator):
-    """k-means++ seeding: each centre drawn with probability proportional to D(x)^2."""
-    centres = [x[torch.randint(len(x), (1,), generator=generator)].squeeze(0)]
-    for _ in range(1, K):
-        d2 = torch.cdist(x, torch.stack(centres)).min(-1).values ** 2
-        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / len(x))
-        centres.append(x[torch.multinomial(p, 1, generator=generator)].squeeze(0))
-    return torch.stack(centres)
-
-
-def _lloyd(x, centres, iterations):
-    """Lloyd's iterations from ``centres`` until the labels stop changing: (centres, labels).
-
-    Each iteration assigns every point to its nearest centre and moves each centre to
-    the mean of its points (an empty cluster keeps its centre), all in one pass.
-    """
-    labels = torch.cdist(x, centres).argmin(-1)
-    for _ in range(iterations):
-        counts = torch.bincount(labels, minlength=len(centres)).unsqueeze(-1)
-        sums = torch.zeros_like(centres).index_add_(0, labels, x)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-        new = torch.cdist(x, centres).argmin(-1)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return centres, labels
-
-
-def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20, max_points=20_000):
-    """Initial ``params`` for ``vi_toolkit.models.gmm`` from k-means: weights, locs, scales (and L = I).
-
-    The centres are the best of ``n_init`` runs of k-means++ seeding and up to
-    ``iterations`` Lloyd steps (lowest within-cluster sum of squares), run on a random
-    subset of ``max_points`` points when there are more (the centres of a large data set
-    are estimated as well from a subset, at a fraction of the cost); every point is then
-    assigned once, and the weights and scales (each cluster's standard deviations,
-    floored at 1e-3 of the data's) come from all of them.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    x = x.detach().cpu().to(torch.get_default_dtype())
-    subset = x if len(x) <= max_points else x[torch.randperm(len(x), generator=generator)[:max_points]]
-    best = None
-    for _ in range(n_init):
-        centres, labels = _lloyd(subset, _kmeans_pp(subset, K, generator), iterations)
-        inertia = ((subset - centres[labels]) ** 2).sum()
-        if best is None or inertia < best[0]:
-            best = (inertia, centres)
-    centres = best[1]
-    labels = torch.cdist(x, centres).argmin(-1)
-    counts = torch.bincount(labels, minlength=K).to(x.dtype).unsqueeze(-1)
-    variances = torch.zeros_like(centres).index_add_(0, labels, (x - centres[labels]) ** 2)
-    floor = 1e-3 * x.std(0).clamp_min(1e-12)
-    scales = torch.where(counts > 1, (variances / counts.clamp_min(1)).sqrt(), x.std(0)).clamp_min(floor)
-    D = x.shape[-1]
-    return {"weights": (counts.squeeze(-1) + 1) / (counts + 1).sum(), "locs": centres, "scales": scales,
-            "corr_cholesky": torch.eye(D).expand(K, D, D).clone()}
+from vi_toolkit.initialization import kmeans_init
 
 
 def _initial(guide, x, name):
@@ -170,59 +110,3 @@ class MeanFieldGuide:
 
 
 GUIDES = {"map": MAPGuide, "meanfield": MeanFieldGuide}
-
-
-# the MAP objective is deterministic: L-BFGS converges in tens of steps where Adam takes
-# hundreds; the mean-field ELBO is a Monte Carlo estimate, so Adam
-FIT_DEFAULTS = {"map": {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 50, "tol_rel_obj": 1e-7},
-                "meanfield": {"optimizer": "adam", "lr": 0.05, "num_steps": 800}}
-
-
-def fit_gmm(mixture, x, *, guide="map", restarts=1, seed=0, val_x=None, **options):
-    """Fit ``mixture`` to ``x`` from ``restarts`` k-means++ initialisations; keep the best ELBO.
-
-    Returns ``(result, guide)``; ``guide.point_estimate(result)`` gives theta_hat. Other
-    keyword ``options`` go to :func:`vi_toolkit.fit` (defaults: ``FIT_DEFAULTS[guide]``).
-    """
-    mixture.check(x)
-    if val_x is not None:
-        mixture.check(val_x, "val_x")
-    if guide not in GUIDES:
-        raise ValueError(f"guide must be one of {sorted(GUIDES)}, got {guide!r}")
-    if not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
-    options = {"progress": False, **FIT_DEFAULTS[guide], **options}
-    best = None
-    for r in range(restarts):
-        g = GUIDES[guide](mixture, kmeans_init(x, mixture.K, seed=seed + r))
-        result = fit(mixture.model, g, x, val_data=val_x, seed=seed + r, **options)
-        if best is None or result.elbo > best[0].elbo:
-            best = (result, g)
-    return best
-
-
-def select_K(x, val_x, Kmax, *, covariance="diag", **options):
-    """Fit K = 1..Kmax; per K the training ELBO and the held-out log-likelihood per point.
-
-    Returns a dict of lists ``K``, ``elbo``, ``heldout_loglik`` (exact, at theta_hat) and
-    ``heldout_se`` (its standard error over the held-out points), ``fits`` (the
-    ``(mixture, result, guide)`` of each K) and ``chosen_K``: the smallest K whose held-out
-    log-likelihood is within one standard error of the best (the one-SE rule: a larger
-    K must beat it by more than the noise of the held-out estimate).
-    """
-    if not isinstance(Kmax, int) or Kmax < 1:
-        raise ValueError(f"Kmax must be an integer >= 1, got {Kmax!r}")
-    curve = {"K": [], "elbo": [], "heldout_loglik": [], "heldout_se": [], "fits": []}
-    for K in range(1, Kmax + 1):
-        mixture = GaussianMixture(K, x.shape[-1], covariance)
-        result, guide = fit_gmm(mixture, x, **options)
-        heldout = mixture.log_likelihood(val_x, guide.point_estimate(result))
-        curve["K"].append(K)
-        curve["elbo"].append(result.elbo)
-        curve["heldout_loglik"].append(float(heldout.mean()))
-        curve["heldout_se"].append(float(heldout.std() / len(heldout) ** 0.5))
-        curve["fits"].append((mixture, result, guide))
-    best = max(range(Kmax), key=lambda i: curve["heldout_loglik"][i])
-    threshold = curve["heldout_loglik"][best] - curve["heldout_se"][best]
-    curve["chosen_K"] = next(K for K, ll in zip(curve["K"], curve["heldout_loglik"]) if ll >= threshold)
-    return curve

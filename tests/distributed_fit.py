@@ -48,11 +48,11 @@ def model_and_guide(init_seed):
     return model, guide
 
 
-def run(init_seed=0, **kwargs):
+def run(init_seed=0, distributed="auto", **kwargs):
     t, y = data()
     model, guide = model_and_guide(init_seed)
-    return fit(model, guide, (t, y), val_data=(t[:23], y[:23]), val_batch_size=5,
-               **SETTINGS, **kwargs)
+    return fit(model, guide, (t, y), val_data=(t[:23], y[:23]),
+               options={"val_batch_size": 5, "distributed": distributed}, **SETTINGS, **kwargs)
 
 
 def summary(result):

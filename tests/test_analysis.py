@@ -14,8 +14,8 @@ from test_evaluation import (D, Q, gmm_data, gmm_log_joint, hmm_data, np_hmm_log
 
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.guides import regression as regression_guide
-from vi_toolkit.guides.gmm import fit_gmm
-from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.recipes import fit_gmm
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.models import conjugate, regression
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.hmm import HiddenMarkovModel

@@ -51,16 +51,16 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, x):
 def test_resume_after_an_interrupt_mid_epoch(tmp_path, x):
     """Ctrl-C between logging intervals: the last completed interval is kept and resumable."""
     path = tmp_path / "fit.pt"
-    unbroken = _fit(x, num_epochs=3, log_every=2)
+    unbroken = _fit(x, num_epochs=3, options={"log_every": 2})
 
     def interrupt(event):
         if event.epoch == 2:
             raise KeyboardInterrupt
 
     with pytest.warns(UserWarning, match="interrupted"):
-        stopped = _fit(x, num_epochs=3, log_every=2, checkpoint=path, callbacks=[interrupt])
+        stopped = _fit(x, num_epochs=3, options={"log_every": 2}, checkpoint=path, callbacks=[interrupt])
     assert stopped.stopped == "interrupted"
-    resumed = _fit(x, num_epochs=3, log_every=2, checkpoint=path, resume=path)
+    resumed = _fit(x, num_epochs=3, options={"log_every": 2}, checkpoint=path, resume=path)
     _same(resumed, unbroken)
 
 

@@ -13,8 +13,8 @@ from test_evaluation import (D, Q, gmm_data, gmm_log_joint, hmm_data, np_hmm_log
                              ppca_exact)
 
 from vi_toolkit.guides import conjugate as conjugate_guide
-from vi_toolkit.guides.gmm import fit_gmm
-from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.recipes import fit_gmm
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.guides.ppca import LinearEncoder
 from vi_toolkit.models import conjugate
 from vi_toolkit.models.gmm import GaussianMixture
@@ -23,7 +23,7 @@ from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit
 from vi_toolkit.cli import main
 from vi_toolkit.demo import SECTIONS
-from vi_toolkit.evaluation import evaluate_checkpoint
+from vi_toolkit.cli import evaluate_checkpoint
 
 
 def test_help_lists_the_commands():

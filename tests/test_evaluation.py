@@ -15,16 +15,16 @@ import torch
 from test_hmm import TRUE as HMM_TRUE
 from test_hmm import np_emission, np_forward_backward
 
-from vi_toolkit.guides.gmm import MAPGuide, fit_gmm
-from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.guides.gmm import MAPGuide
+from vi_toolkit.recipes import fit_gmm
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.guides.ppca import LinearEncoder, PointwiseGuide
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.hmm import HiddenMarkovModel
 from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import data_plate, fit
-from vi_toolkit.evaluation import (evaluate, inference_gaps, load_fit, log_likelihood_per_point,
-                                   pointwise_estimates)
-from vi_toolkit.fit import FitResult
+from vi_toolkit.evaluation import evaluate, inference_gaps, log_likelihood_per_point, pointwise_estimates
+from vi_toolkit.result import FitResult, load_fit
 
 
 def set_params(result, values):
@@ -39,7 +39,7 @@ def set_params(result, values):
 def replace(result, *, model=None, guide=None):
     """The fit ``result`` with another model or guide over the same parameters."""
     return FitResult(model or result.model, guide or result.guide, result.history, result.config,
-                     result.param_state, result.device, result.stopped)
+                     result.state, result.device, result.stopped, probe=result.probe)
 
 
 # ---- PPCA (models/ppca.py) at its maximum-likelihood solution -------------------------------------

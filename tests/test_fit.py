@@ -199,7 +199,7 @@ def test_early_stopping_convergence_and_callbacks(x):
     assert early.history["val_elbo"][-3] == best  # the patience window followed the best epoch
 
     converged = fit(conjugate.model, conjugate_guide.guide, x, lr=0.1, num_steps=20000,
-                    tol_rel_obj=0.01, log_every=50, num_particles=8, progress=False, seed=0)
+                    tol_rel_obj=0.01, options={"log_every": 50}, num_particles=8, progress=False, seed=0)
     assert converged.stopped == "converged" and len(converged.history["loss"]) < 20000
 
     seen = []
@@ -208,13 +208,13 @@ def test_early_stopping_convergence_and_callbacks(x):
 
 
 def test_optimizer_choices_clipping_and_schedule(x):
-    sgd = _fit(x, optimizer="sgd", lr=1e-4, optimizer_args={"momentum": 0.9})
+    sgd = _fit(x, optimizer="sgd", lr=1e-4, options={"optimizer_args": {"momentum": 0.9}})
     assert sgd.config["optimizer"] == "sgd"
     cls = _fit(x, optimizer=torch.optim.RMSprop, lr=0.01)
     assert cls.config["optimizer"] == "RMSprop"
     made = _fit(x, optimizer=lambda params: torch.optim.Adagrad(params, lr=0.1))
     assert made.config["optimizer"] == "<lambda>"
-    cosine = _fit(x, lr_schedule="cosine", clip_norm=1.0, num_epochs=4)
+    cosine = _fit(x, lr_schedule="cosine", options={"clip_norm": 1.0}, num_epochs=4)
     lrs = cosine.history["lr"]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-3 * 0.5
     with pytest.raises(ValueError, match="unknown optimizer 'adamm'"):
@@ -233,7 +233,7 @@ def test_divergence_names_the_step_and_site_and_keeps_the_last_good_state(x):
 
     pyro.enable_validation(False)
     with pytest.raises(DivergenceError) as info:
-        fit(model, guide, x, optimizer="sgd", lr=1.0, num_steps=50, log_every=5,
+        fit(model, guide, x, optimizer="sgd", lr=1.0, num_steps=50, options={"log_every": 5},
             progress=False, seed=0)
     err = info.value
     assert err.step >= 1 and f"step {err.step}" in str(err)

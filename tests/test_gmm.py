@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vi_toolkit.guides.gmm import fit_gmm, kmeans_init, select_K
+from vi_toolkit.initialization import kmeans_init
+from vi_toolkit.recipes import fit_gmm, select_K
 from vi_toolkit.models.gmm import GaussianMixture
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),

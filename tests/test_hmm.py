@@ -5,7 +5,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from vi_toolkit.guides.hmm import fit_hmm
+from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.models.hmm import HiddenMarkovModel, pad_sequences
 
 TRUE = {"initial": torch.tensor([0.6, 0.3, 0.1]),

@@ -52,7 +52,7 @@ def test_backend_names_and_devices():
     with pytest.raises(ValueError, match="linear_backend must be one of"):
         resolve_backend("mkl", "cpu")
     with pytest.raises(ValueError, match="linear_backend must be one of"):
-        fit(lambda x: None, lambda x: None, torch.zeros(3, 1), linear_backend="fast")
+        fit(lambda x: None, lambda x: None, torch.zeros(3, 1), options={"linear_backend": "fast"})
 
 
 @needs_onednn
@@ -64,7 +64,7 @@ def test_a_vae_fit_is_the_same_with_either_backend():
         torch.manual_seed(0)
         model, guide = DeepLatentGaussian((1, 8, 8), 4, hidden=(32,)), GaussianEncoder((1, 8, 8), 4, hidden=(32,))
         results[backend] = fit(model, guide, x, elbo="meanfield", batch_size=16, num_epochs=5, lr=1e-2, seed=0,
-                               progress=False, device="cpu", linear_backend=backend)
+                               progress=False, device="cpu", options={"linear_backend": backend})
     onednn, reference = results["onednn"], results["torch"]
     assert onednn.config["linear_backend"] == "onednn" and reference.config["linear_backend"] == "torch"
     torch.testing.assert_close(torch.tensor(onednn.history["loss"]), torch.tensor(reference.history["loss"]),

@@ -13,7 +13,7 @@ from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit
 from vi_toolkit.datasets import load_images
 from vi_toolkit.elbo import TraceELBO, TraceMeanFieldELBO
-from vi_toolkit.fit import trace_pair
+from vi_toolkit.traces import trace_pair
 from vi_toolkit.networks import Decoder, Encoder
 
 SHAPE = (1, 8, 8)

@@ -30,7 +30,8 @@ import torch
 from pyro.infer import infer_discrete
 from pyro.poutine.util import prune_subsample_sites
 
-from .evaluation import _positive_int, _Session
+from .session import FitSession
+from .traces import positive_int
 from .weights import PARTICLE_PLATE, contract_log_density, sample_traces, trace_log_densities
 from .plates import DATA_PLATE
 
@@ -163,9 +164,9 @@ def to_inference_data(result, data, *, num_samples=500, chunk_size=None, posteri
     """
     import arviz as az
 
-    _positive_int(num_samples, "num_samples")
-    chunk_size = _positive_int(chunk_size or num_samples, "chunk_size")
-    session = _Session(result, data, device)
+    positive_int(num_samples, "num_samples")
+    chunk_size = positive_int(chunk_size or num_samples, "chunk_size")
+    session = FitSession(result, data, device)
     if seed is not None:
         pyro.set_rng_seed(seed)
     names = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data")

@@ -1,7 +1,16 @@
 """Command line: ``vi-toolkit COMMAND`` (also ``python -m vi_toolkit``)."""
 
 import argparse
+import os
 import sys
+
+import numpy as np
+import torch
+
+from .diagnostics import psis_khat
+from .evaluation import evaluate
+from .result import load_fit
+from .specs import load_object
 
 
 def _demo(args):
@@ -31,8 +40,6 @@ def _load_model_and_guide(args):
     (``vi_toolkit.guides.gmm:MAPGuide`` becomes ``MAPGuide(mixture, **guide_kwargs)``), and ``exact`` is
     the instance if it has an exact ``log_likelihood``; otherwise ``exact`` is None.
     """
-    from .evaluation import load_object
-
     model = load_object(args.model, args.model_kwargs, name="--model")
     if not callable(getattr(model, "model", None)):
         return model, load_object(args.guide, args.guide_kwargs, name="--guide"), None
@@ -42,8 +49,6 @@ def _load_model_and_guide(args):
 
 def _evaluate(args):
     import os
-
-    from .evaluation import evaluate_checkpoint, load_data_file
 
     sys.path.insert(0, os.getcwd())  # models/ and guides/ of the current checkout
     model, guide, exact = _load_model_and_guide(args)
@@ -79,6 +84,43 @@ def _evaluate(args):
         line += (f"; max {report['khat_max']:.3f}, {100 * report['fraction_unreliable']:.1f}% "
                  "of points above 0.7")
     print(line)
+
+
+def load_data_file(path):
+    """Data from a file: ``.pt`` (a tensor, tuple or dict saved by ``torch.save``, read with
+    ``weights_only=True``), ``.npy`` (one array) or ``.npz`` (a dict of arrays)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    if path.endswith(".pt") or path.endswith(".pth"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"data file {path!r} is not a readable torch file: {err}") from err
+    if path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    raise ValueError(f"data file {path!r}: use a .pt, .npy or .npz file")
+
+
+def evaluate_checkpoint(path, model, guide, data, *, num_samples=5000, khat_samples=1000,
+                        batch_size=100, chunk_size=500, exact=None, device="auto", seed=0):
+    """Load a checkpoint into ``model`` and ``guide`` and evaluate it on ``data``.
+
+    Returns :func:`evaluate`'s report (with the exact log-likelihood if ``exact`` is
+    given) and the PSIS k-hat of the guide (``khat``, ``khat_reading`` and, per point,
+    ``khat_max`` and ``fraction_unreliable``).
+    """
+    result = load_fit(model, guide, data, path, device=device)
+    report = evaluate(result, data, num_samples=num_samples, batch_size=batch_size,
+                      chunk_size=chunk_size, exact=exact, seed=seed)
+    khat = psis_khat(result, data, num_samples=khat_samples, batch_size=batch_size,
+                     chunk_size=chunk_size, seed=seed)
+    report.update({k: v for k, v in khat.items() if k != "khat_points" and k != "num_samples"})
+    report["khat_samples"] = khat_samples
+    return report
 
 
 def build_parser():

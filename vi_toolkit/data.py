@@ -22,7 +22,9 @@ def _as_tensor(value, label):
         raise ValueError(f"{label} is a numpy array of dtype {value.dtype}, not numbers")
     if not torch.is_tensor(value):
         raise ValueError(f"{label} must be a tensor or numpy array, got {type(value).__name__}")
-    return value
+    # data are constants of the objective: a tensor still attached to an autograd graph would
+    # be back-propagated through at every step (and fail at the second)
+    return value.detach()
 
 
 class FitData:
@@ -70,6 +72,18 @@ class FitData:
         self.tensors = [t.to(device) for t in tensors] if device is not None else tensors
         self.device = self.tensors[0].device
 
+    def fingerprint(self):
+        """A cheap summary that tells data sets apart: structure, shapes, dtypes and a hash of
+        up to 4,096 evenly spaced values of each tensor (for resuming the right checkpoint)."""
+        parts = []
+        for key, t in zip(self.keys, self.tensors):
+            flat = t.reshape(-1)
+            sample = flat[::max(1, flat.numel() // 4096)].double()
+            weights = torch.arange(1, sample.numel() + 1, dtype=torch.float64, device=sample.device)
+            parts.append(f"{key}:{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}:"
+                         f"{float(sample.sum()):.10g}:{float((sample * weights).sum()):.10g}")
+        return f"{self.kind};" + ";".join(parts)
+
     def check_like(self, other):
         """Raise unless ``other`` has this data's structure and per-point shapes."""
         if self.kind != other.kind or self.keys != other.keys:
@@ -95,6 +109,19 @@ class FitData:
             kwargs.update(zip(self.keys, tensors))
             return (), kwargs
         return tuple(tensors), kwargs
+
+    def structured(self, tensors):
+        """``tensors`` (drawn from this data) in the data's own structure: tensor, tuple or dict."""
+        if self.kind == "tensor":
+            return tensors[0]
+        if self.kind == "dict":
+            return dict(zip(self.keys, tensors))
+        return tuple(tensors)
+
+    def head(self, num_points):
+        """The first ``num_points`` points (at most all), in the data's own structure."""
+        index = torch.arange(min(num_points, self.num_data), device=self.device)
+        return self.structured(self.batch(index))
 
     def batches(self, batch_size):
         """Consecutive batches covering the data once, in order (for evaluation)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_device
-from .fit import fit
+from .engine import fit
 
 DATASETS = ("digits", "fashion-mnist", "mnist")
 BINARIZATIONS = ("dynamic", "static", "none")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .fit import fit
+from .engine import fit
 
 # example scripts the demo runs with --quick, in this order (added by each model family)
 DEMO_EXAMPLES = ["posterior_analysis", "autoencoders", "denoising", "latent_sampling", "vae_kl",

@@ -29,9 +29,10 @@ import pyro.poutine as poutine
 import torch
 
 from .data import FitData
-from .evaluation import _positive_int, _Session
+from .engine import fit
+from .session import FitSession
+from .traces import accepts_keyword, positive_int, trace_pair
 from .weights import is_local, sample_traces
-from .fit import _accepts, fit, trace_pair
 
 KHAT_GOOD, KHAT_OK = 0.5, 0.7
 
@@ -62,11 +63,11 @@ def psis_khat(result, data, *, num_samples=1000, pointwise="auto", batch_size=10
     float, or the mean over points), ``reading`` (see :func:`khat_reading`), and per
     point ``khat_points``, ``khat_max`` and ``fraction_unreliable``.
     """
-    _positive_int(num_samples, "num_samples")
-    _positive_int(chunk_size, "chunk_size")
+    positive_int(num_samples, "num_samples")
+    positive_int(chunk_size, "chunk_size")
     if pointwise not in (True, False, "auto"):
         raise ValueError(f"pointwise must be True, False or 'auto', got {pointwise!r}")
-    session = _Session(result, data, device)
+    session = FitSession(result, data, device)
     if seed is not None:
         pyro.set_rng_seed(seed)
     with session.scope():
@@ -75,7 +76,7 @@ def psis_khat(result, data, *, num_samples=1000, pointwise="auto", batch_size=10
             guide_trace, _ = trace_pair(session.model, session.guide, args, kwargs)
             pointwise = not any(site["type"] == "sample" and not is_local(site)
                                 for site in guide_trace.nodes.values())
-        batches = (session.data.batches(_positive_int(batch_size, "batch_size")) if pointwise
+        batches = (session.data.batches(positive_int(batch_size, "batch_size")) if pointwise
                    else [session.data.tensors])
         rows = []
         for tensors in batches:
@@ -130,11 +131,11 @@ def simulation_based_calibration(model, guide, data, *, num_simulations=100, num
     """
     from scipy import stats
 
-    _positive_int(num_simulations, "num_simulations")
-    _positive_int(num_draws, "num_draws")
+    positive_int(num_simulations, "num_simulations")
+    positive_int(num_draws, "num_draws")
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     fit_data = FitData(data, name="data")
-    num_data = fit_data.num_data if _accepts(model, "num_data") else None
+    num_data = fit_data.num_data if accepts_keyword(model, "num_data") else None
     args, kwargs = fit_data.call_args(fit_data.tensors, num_data)
     with pyro.get_param_store().scope(), torch.no_grad():  # leave the caller's parameters be
         observed = _observed_arguments(model, fit_data, args, kwargs)
@@ -160,7 +161,7 @@ def simulation_based_calibration(model, guide, data, *, num_simulations=100, num
                      else tuple(tensors) if fit_data.kind == "tuple" else tensors[0])
         result = fit(model, guide, simulated, seed=int(torch.randint(2**31 - 1, (), generator=gen)),
                      **fit_kwargs)
-        session = _Session(result, simulated, None)
+        session = FitSession(result, simulated, None)
         with session.scope(), torch.no_grad():
             draws, _ = sample_traces(session.model, session.guide,
                                      *session.call_args(session.data.tensors), num_draws,

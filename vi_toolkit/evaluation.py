@@ -31,7 +31,6 @@ images in about 5.5 minutes; ``benchmarks/iwae_throughput.py``); a GPU runs each
 of 500 x 100 decoder passes as one batch.
 """
 
-import contextlib
 import inspect
 import math
 
@@ -42,82 +41,11 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
-from .checkpoint import load_checkpoint
 from .data import FitData
 from .devices import resolve_device
-from .fit import FitResult, _accepts, _modules, trace_pair
-from .linear import linear_backend
-from .weights import is_local, log_weights
-
-PROBE_POINTS = 100  # data points a checkpoint's model and guide run on to create their parameters
-
-
-def _positive_int(value, name):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def plate_nesting(model, guide, args, kwargs):
-    """The number of plate dimensions the model and guide use (the depth of nesting)."""
-    with torch.no_grad():
-        traces = trace_pair(model, guide, args, kwargs)
-    dims = [-f.dim for tr in traces for site in tr.nodes.values() if site["type"] == "sample"
-            for f in site["cond_indep_stack"] if f.vectorized]
-    return max(dims, default=0)
-
-
-class _Session:
-    """A fit's model and guide on a data set: device, parameters, call arguments."""
-
-    def __init__(self, result, data, device, name="data"):
-        if not isinstance(result, FitResult):
-            raise ValueError(f"result must be a FitResult (from vi_toolkit.fit or load_fit), "
-                             f"got {type(result).__name__}")
-        self.result = result
-        self.device = resolve_device(device) if device is not None else result.device
-        self.data = FitData(data, name=name, device=self.device)
-        self.model, self.guide = result.model, result.guide
-        for module in _modules(self.model, self.guide).values():
-            module.to(self.device)
-        self.pass_num_data = _accepts(self.model, "num_data")
-        with self.scope():
-            self.nesting = plate_nesting(self.model, self.guide, *self.call_args(
-                self.data.batch(torch.arange(1, device=self.device))))
-
-    def scope(self):
-        return self.result.scope()
-
-    def call_args(self, tensors):
-        return self.data.call_args(tensors, self.data.num_data if self.pass_num_data else None)
-
-    def log_weights(self, tensors, num_samples, guide=None):
-        args, kwargs = self.call_args(tensors)
-        with self.device_context():
-            return log_weights(self.model, guide or self.guide, args, kwargs, num_samples,
-                               self.nesting)
-
-    def estimates(self, tensors, num_samples, chunk_size, guide=None):
-        """Per-point (1/K sum_k log w_ik, log 1/K sum_k w_ik) over K draws in chunks."""
-        total, lse, done = 0.0, None, 0
-        while done < num_samples:
-            k = min(chunk_size, num_samples - done)
-            local, _ = self.log_weights(tensors, k, guide)
-            total = total + local.sum(0)
-            chunk_lse = torch.logsumexp(local, 0)
-            lse = chunk_lse if lse is None else torch.logaddexp(lse, chunk_lse)
-            done += k
-        return total / num_samples, lse - math.log(num_samples)
-
-    def device_context(self):
-        """Inside the block, tensors are created on the fit's device (a GPU's, not the CPU's) and
-        float32 linear layers use the fit's backend (:mod:`vi_toolkit.linear`)."""
-        stack = contextlib.ExitStack()
-        if self.device.type != "cpu":
-            stack.enter_context(torch.device(self.device))
-        stack.enter_context(linear_backend(self.result.config.get("linear_backend", "auto"), self.device))
-        return stack
-
+from .session import FitSession
+from .traces import positive_int
+from .weights import is_local
 
 @torch.no_grad()
 def pointwise_estimates(result, data, *, num_samples=5000, batch_size=100, chunk_size=500,
@@ -129,10 +57,10 @@ def pointwise_estimates(result, data, *, num_samples=5000, batch_size=100, chunk
     K = ``num_samples`` guide draws, ``chunk_size`` of them at a time for
     ``batch_size`` points at a time.
     """
-    _positive_int(num_samples, "num_samples")
-    _positive_int(batch_size, "batch_size")
-    _positive_int(chunk_size, "chunk_size")
-    session = _Session(result, data, device)
+    positive_int(num_samples, "num_samples")
+    positive_int(batch_size, "batch_size")
+    positive_int(chunk_size, "chunk_size")
+    session = FitSession(result, data, device)
     if seed is not None:
         pyro.set_rng_seed(seed)
     elbos, lls = [], []
@@ -230,56 +158,6 @@ def evaluate(result, data, *, num_samples=5000, batch_size=100, chunk_size=500, 
     return report
 
 
-def load_fit(model, guide, data, path, *, device="auto"):
-    """A :class:`FitResult` for ``model`` and ``guide`` with the parameters of a checkpoint.
-
-    The model and guide run once on the first ``PROBE_POINTS`` points of ``data`` to
-    create their parameters (with their constraints; a data-driven initialisation such
-    as k-means needs several points), which then take the checkpoint's values; names and
-    shapes must match, else ``ValueError``.
-    """
-    state = load_checkpoint(path)
-    dev = resolve_device(device)
-    fit_data = FitData(data, device=dev)
-    store = pyro.get_param_store()
-    outer = store.get_state()
-    store.clear()
-    try:
-        modules = _modules(model, guide)
-        for module in modules.values():
-            module.to(dev)
-        num_data = fit_data.num_data if _accepts(model, "num_data") else None
-        probe = torch.arange(min(PROBE_POINTS, fit_data.num_data), device=dev)
-        args, kwargs = fit_data.call_args(fit_data.batch(probe), num_data)
-        with torch.no_grad():
-            trace_pair(model, guide, args, kwargs)
-        params = dict(store.named_parameters())
-        seen = {id(p) for p in params.values()}  # as fit names them: the store's, then the rest
-        for role, module in modules.items():
-            params.update((f"{role}.{n}", p) for n, p in module.named_parameters()
-                          if id(p) not in seen and p.requires_grad)
-        saved = state["params"]
-        missing, extra = set(params) - set(saved), set(saved) - set(params)
-        if missing or extra:
-            raise ValueError(f"checkpoint {str(path)!r} does not match this model and guide "
-                             f"(missing {sorted(missing)}, unexpected {sorted(extra)})")
-        with torch.no_grad():
-            for name, p in params.items():
-                if saved[name].shape != p.shape:
-                    raise ValueError(f"checkpoint {str(path)!r}: parameter {name!r} has shape "
-                                     f"{tuple(saved[name].shape)}, the model's has {tuple(p.shape)}")
-                p.copy_(saved[name])
-            for role, module in modules.items():
-                for n, buf in module.named_buffers():
-                    if n in state.get("buffers", {}).get(role, {}):
-                        buf.copy_(state["buffers"][role][n])
-        return FitResult(model, guide, state.get("history", {}), state.get("config", {}),
-                         store.get_state(), dev, "loaded")
-    finally:
-        store.clear()
-        store.set_state(outer)
-
-
 class _Override(Messenger):
     """Replace the distribution of one sample site by ``fn`` (a refined local guide)."""
 
@@ -329,10 +207,10 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
     for value, name in ((refine_steps, "refine_steps"), (num_particles, "num_particles"),
                         (elbo_samples, "elbo_samples"), (num_samples, "num_samples"),
                         (batch_size, "batch_size"), (chunk_size, "chunk_size")):
-        _positive_int(value, name)
+        positive_int(value, name)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    session = _Session(result, data, device)
+    session = FitSession(result, data, device)
     if seed is not None:
         pyro.set_rng_seed(seed)
     points = {k: [] for k in ("log_px", "elbo_q_star", "elbo_q")}
@@ -384,83 +262,4 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
     points["inference_gap"] = points["log_px"] - points["elbo_q"]
     report = {k: float(v.double().mean()) for k, v in points.items()}
     report.update(points=points, exact=exact is not None, refine_steps=refine_steps)
-    return report
-
-
-def load_object(spec, kwargs=None, *, name="model", args=()):
-    """The model or guide named ``"package.module:attribute"``, built with ``kwargs``.
-
-    A class (an ``nn.Module`` such as ``vi_toolkit.models.vae:DeepLatentGaussian``, a classic model
-    such as ``vi_toolkit.models.gmm:GaussianMixture``, a guide class) is instantiated with ``args``
-    and ``kwargs``; a function (``vi_toolkit.models.conjugate:model``) gets ``kwargs`` bound as
-    keywords and takes no ``args``.
-    """
-    import functools
-    import importlib
-
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{name} must look like 'package.module:attribute', got {spec!r}")
-    module_name, attribute = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{name}: cannot import {module_name!r} ({err}); run from the folder "
-                         "that holds it or install it") from err
-    if not hasattr(module, attribute):
-        raise ValueError(f"{name}: module {module_name!r} has no attribute {attribute!r}")
-    target = getattr(module, attribute)
-    kwargs = dict(kwargs or {})
-    if inspect.isclass(target):
-        try:
-            return target(*args, **kwargs)
-        except TypeError as err:
-            arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
-            raise ValueError(f"{name}: {spec}({', '.join(arguments)}) failed: {err}") from err
-    if not callable(target):
-        raise ValueError(f"{name}: {spec} is not callable")
-    if args:
-        raise ValueError(f"{name}: {spec} is a function; it cannot take {args!r} (use a class)")
-    return functools.partial(target, **kwargs) if kwargs else target
-
-
-def load_data_file(path):
-    """Data from a file: ``.pt`` (a tensor, tuple or dict saved by ``torch.save``, read with
-    ``weights_only=True``), ``.npy`` (one array) or ``.npz`` (a dict of arrays)."""
-    import os
-
-    import numpy as np
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist")
-    if path.endswith(".pt") or path.endswith(".pth"):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"data file {path!r} is not a readable torch file: {err}") from err
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as arrays:
-            return {k: arrays[k] for k in arrays.files}
-    raise ValueError(f"data file {path!r}: use a .pt, .npy or .npz file")
-
-
-def evaluate_checkpoint(path, model, guide, data, *, num_samples=5000, khat_samples=1000,
-                        batch_size=100, chunk_size=500, exact=None, device="auto", seed=0):
-    """Load a checkpoint into ``model`` and ``guide`` and evaluate it on ``data``.
-
-    Returns :func:`evaluate`'s report (with the exact log-likelihood if ``exact`` is
-    given) and the PSIS k-hat of the guide (``khat``, ``khat_reading`` and, per point,
-    ``khat_max`` and ``fraction_unreliable``).
-    """
-    from .diagnostics import psis_khat
-
-    result = load_fit(model, guide, data, path, device=device)
-    report = evaluate(result, data, num_samples=num_samples, batch_size=batch_size,
-                      chunk_size=chunk_size, exact=exact, seed=seed)
-    khat = psis_khat(result, data, num_samples=khat_samples, batch_size=batch_size,
-                     chunk_size=chunk_size, seed=seed)
-    report.update({k: v for k, v in khat.items() if k != "khat_points" and k != "num_samples"})
-    report["khat_samples"] = khat_samples
     return report

@@ -1,0 +1,323 @@
+"""``fit``: stochastic variational inference for any Pyro model and guide.
+
+Given a model p(x, z) and a guide q(z | x) with parameters phi (and model
+parameters theta), ``fit`` maximises the evidence lower bound
+
+    ELBO(theta, phi) = E_q[log p(x, z; theta) - log q(z | x; phi)] <= log p(x)
+
+by stochastic gradient ascent on minibatch estimates (see :mod:`vi_toolkit.plates`
+for why the estimate is unbiased, and :mod:`vi_toolkit.elbo` for the objectives).
+The same call fits a three-parameter conjugate model, a Gaussian mixture with
+enumerated assignments and a VAE with a million weights.
+
+``fit`` validates its arguments (every bad input is a ``ValueError`` naming it, before any
+work), then assembles the engine's parts, each in a module of its own:
+
+* the **step** (:mod:`vi_toolkit.step`): objective, optimizer, one update on a batch;
+* the **loop** (:mod:`vi_toolkit.loop`): epochs, read-backs, divergence, history;
+* the **callbacks** (:mod:`vi_toolkit.callbacks`, :mod:`vi_toolkit.loggers`): early stopping,
+  convergence, checkpoints, progress, logs, and the user's own;
+* the **strategy** (:mod:`vi_toolkit.strategy`): one process or data-parallel.
+
+Each fit runs in a parameter store of its own (Pyro's ``ParamStoreDict.scope``), so two fits
+in one process never share parameters; the fitted parameters live on, copied, in the
+returned :class:`~vi_toolkit.FitResult`.
+"""
+
+import dataclasses
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import pyro
+import torch
+
+from .callbacks import Checkpoint, Convergence, EarlyStopping, ProgressBar, as_callbacks
+from .data import FitData
+from .elbo import make_elbo
+from .linear import linear_backend, resolve_backend
+from .loop import Loop, device_context
+from .optim import is_lbfgs
+from .step import EagerStep
+from .strategy import make_strategy
+from .traces import accepts_keyword, modules_of, positive_int
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The rarely changed settings of a fit: ``fit(..., options=FitOptions(clip_norm=10.0))``
+    or ``options={"clip_norm": 10.0}``.
+
+    Attributes:
+        vectorize_particles, max_plate_nesting: passed to the ELBO with ``num_particles``.
+        optimizer_args: keyword arguments of the optimizer (betas, momentum, ...).
+        clip_norm: clip the global gradient norm to this (positive).
+        drop_last: drop the last, smaller batch of each epoch.
+        val_batch_size: batch size for the held-out ELBO (default: ``batch_size``).
+        log_every: steps between read-backs of the loss (progress, divergence check).
+        validate: Pyro's distribution checks on the first traces and step (``"first"``:
+            they cost about 10% of a small network's step), at every step (``True``), never
+            (``False``).
+        checkpoint_every: epochs between checkpoints (with ``checkpoint=``).
+        distributed: ``"auto"`` (data-parallel when ``torchrun`` started the process, see
+            :mod:`vi_toolkit.distributed`), ``True`` (required) or ``False``.
+        linear_backend: ``"auto"``, ``"onednn"`` or ``"torch"``: which library computes the
+            float32 linear layers on the CPU (:mod:`vi_toolkit.linear`).
+    """
+
+    vectorize_particles: bool = True
+    max_plate_nesting: int = None
+    optimizer_args: dict = None
+    clip_norm: float = None
+    drop_last: bool = False
+    val_batch_size: int = None
+    log_every: int = None
+    validate: object = "first"
+    checkpoint_every: int = None
+    distributed: object = "auto"
+    linear_backend: str = "auto"
+
+
+def _options(options):
+    if options is None:
+        return FitOptions()
+    if isinstance(options, FitOptions):
+        return options
+    if isinstance(options, dict):
+        known = {f.name for f in dataclasses.fields(FitOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"options: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return FitOptions(**options)
+    raise ValueError(f"options must be a vi_toolkit.FitOptions or a dict, got {type(options).__name__}")
+
+
+def _optional_int(value, name):
+    return None if value is None else positive_int(value, name)
+
+
+def _name_of(obj):
+    return obj if isinstance(obj, str) else getattr(obj, "__name__", type(obj).__name__)
+
+
+def check_sites(model_trace, guide_trace):
+    """Every latent site of the model is drawn by the guide, with the model's shape.
+
+    Raises:
+        ValueError: naming a model site the guide lacks (its values would silently come from
+            the prior), or a guide site whose shape does not fit the model's distribution.
+    """
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("enumerate"):
+            continue
+        if name not in guide_trace.nodes:
+            raise ValueError(f"the guide does not sample the model's latent site {name!r}: its values "
+                             "would come from the prior and the ELBO would not be of this guide. Add it "
+                             "to the guide, or mark a discrete site for enumeration in the model "
+                             "(infer={'enumerate': 'parallel'})")
+        value = guide_trace.nodes[name]["value"]
+        fn = site["fn"]
+        shape = tuple(fn.batch_shape + fn.event_shape)
+        try:
+            fits = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"guide site {name!r} has shape {tuple(value.shape)}, but the model's "
+                             f"{name!r} has shape {shape} (batch {tuple(fn.batch_shape)}, event "
+                             f"{tuple(fn.event_shape)})")
+
+
+def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", lr=None,
+        lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, val_data=None, patience=None,
+        tol_rel_obj=None, callbacks=(), transform=None, device="auto", seed=None, progress=True,
+        checkpoint=None, resume=False, options=None):
+    """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
+
+    Args:
+        model, guide: Pyro callables taking the data (and ``num_data``, see
+            :mod:`vi_toolkit.plates`): functions using ``pyro.param``/``pyro.module``,
+            ``PyroModule``\\ s, or autoguides.
+        data: a tensor, or a tuple or dict of tensors sharing dimension 0 (data points).
+        elbo: ``"auto"``, ``"trace"``, ``"meanfield"``, ``"enum"``, ``"iwae"`` or a Pyro ELBO
+            (:func:`vi_toolkit.elbo.make_elbo`). ``num_particles``: Monte Carlo samples a step.
+        optimizer, lr: a name, a torch optimizer class or factory, or a ``pyro.optim`` object
+            (:mod:`vi_toolkit.optim`); ``lr`` defaults to 1e-3 for a name, to the optimizer's own
+            default otherwise. ``lr_schedule``: ``"cosine"``, ``"exponential"`` or
+            ``optimizer -> scheduler``, stepped every step (:func:`vi_toolkit.optim.make_scheduler`).
+        batch_size: minibatch size (``None``: full batch). ``num_epochs`` passes over the
+            data (default 10), or ``num_steps`` optimisation steps (full batch: default 1000).
+        val_data: held-out data of the same structure; its ELBO per point is recorded
+            each epoch. ``patience``: stop after that many epochs without improvement of it and
+            restore the best parameters (:class:`~vi_toolkit.callbacks.EarlyStopping`).
+        tol_rel_obj: stop when the relative change of the loss falls below this
+            (:class:`~vi_toolkit.callbacks.Convergence`, as Stan's ADVI).
+        callbacks: :class:`~vi_toolkit.callbacks.Callback` objects (hooks at the start, after
+            each step, after each epoch, at the end) or functions ``event -> bool`` called each
+            epoch (true stops the fit).
+        transform: callable applied to each training batch (list of tensors, returning the
+            list), e.g. dynamic binarization or input corruption.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        seed: seeds torch, numpy and random at the start of the fit, so the fit's own random
+            draws (initial values of Pyro parameters, guide noise, batches) are reproducible;
+            ``None`` draws one (kept in ``config``). Networks built before ``fit`` were
+            initialised by the caller's generator: seed it (``torch.manual_seed``) before
+            building them.
+        progress: show a tqdm progress bar.
+        checkpoint: path of a checkpoint written each epoch and at the end
+            (:class:`~vi_toolkit.callbacks.Checkpoint`); ``resume``: ``True`` resumes from
+            ``checkpoint`` if it exists, or a path to resume from.
+        options: the rarely changed settings, a :class:`FitOptions` or a dict.
+
+    Returns:
+        :class:`~vi_toolkit.FitResult`.
+
+    Raises:
+        ValueError: bad input, before any work. :class:`~vi_toolkit.DivergenceError` if the
+        loss becomes NaN or infinite, :class:`~vi_toolkit.FitError` if a step or a callback
+        fails; both hold the last good state in ``.result``.
+    """
+    opts = _options(options)
+    strategy = make_strategy(opts.distributed, device)
+    dev = strategy.device
+    resolve_backend(opts.linear_backend, dev)  # an unknown name fails before any work
+    fit_data = FitData(data, name="data", device=dev)
+    val = None
+    if val_data is not None:
+        val = FitData(val_data, name="val_data", device=dev)
+        fit_data.check_like(val)
+    n = fit_data.num_data
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size must be an integer between 1 and the number of "
+                             f"data points ({n}), got {batch_size!r}")
+        batch_size = int(batch_size)
+    if num_epochs is not None and num_steps is not None:
+        raise ValueError("give num_epochs or num_steps, not both")
+    num_epochs, num_steps = _optional_int(num_epochs, "num_epochs"), _optional_int(num_steps, "num_steps")
+    num_particles = positive_int(num_particles, "num_particles")
+    log_every = _optional_int(opts.log_every, "log_every")
+    checkpoint_every = _optional_int(opts.checkpoint_every, "checkpoint_every") or 1
+    if is_lbfgs(optimizer) and batch_size not in (None, n):
+        raise ValueError("optimizer='lbfgs' needs the full batch (batch_size=None): its line "
+                         "search assumes a deterministic objective")
+    if is_lbfgs(optimizer) and strategy.world > 1:
+        raise ValueError("optimizer='lbfgs' cannot run distributed: its line search would "
+                         "read each process's own loss")
+    if opts.clip_norm is not None and not (isinstance(opts.clip_norm, (int, float)) and opts.clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive number, got {opts.clip_norm!r} (a "
+                         "negative norm would flip every gradient)")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if opts.validate not in (True, False, "first"):
+        raise ValueError(f"validate must be True, False or 'first', got {opts.validate!r}")
+    if transform is not None and not callable(transform):
+        raise ValueError(f"transform must be a callable list of tensors -> list, got {transform!r}")
+    minibatch = batch_size is not None and batch_size < n
+    if minibatch:
+        steps_per_epoch = n // batch_size if opts.drop_last else math.ceil(n / batch_size)
+        total = num_steps or (num_epochs or 10) * steps_per_epoch
+        log_every = log_every or min(steps_per_epoch, 100)
+    else:
+        steps_per_epoch = 1
+        total = num_steps or num_epochs or 1000
+        log_every = log_every or max(1, min(100, total // 20))
+    if strategy.world > 1:
+        smallest = n
+        if minibatch:
+            last = n % batch_size
+            smallest = batch_size if opts.drop_last or last == 0 else min(batch_size, last)
+        if smallest < strategy.world:
+            raise ValueError(f"a distributed fit over {strategy.world} processes splits each batch "
+                             f"across them, but a batch has {smallest} point(s); use batch_size "
+                             f">= {strategy.world} (and drop_last=True if the last batch of an epoch "
+                             "is smaller)")
+    user_callbacks = as_callbacks(callbacks)
+    for cb in user_callbacks:
+        model, guide = cb.wrap(model, guide)
+    pass_num_data = accepts_keyword(model, "num_data")
+    if pass_num_data and not accepts_keyword(guide, "num_data"):
+        raise ValueError("the guide must take the same arguments as the model, including "
+                         "the keyword num_data (see vi_toolkit.plates)")
+    if (minibatch or strategy.world > 1) and not pass_num_data:
+        what = ("minibatching (batch_size < number of data points)" if minibatch
+                else "a distributed fit (each process fits a part of the data)")
+        raise ValueError(f"{what} needs a model that takes the keyword num_data and opens its "
+                         "data plate with vi_toolkit.data_plate(x, num_data), so local terms are "
+                         "scaled by N/B (see vi_toolkit.plates)")
+    elbo_args = dict(num_particles=num_particles, vectorize_particles=opts.vectorize_particles,
+                     max_plate_nesting=opts.max_plate_nesting)
+    make_elbo(elbo, **elbo_args) if isinstance(elbo, str) else make_elbo(elbo)  # fail early
+    builtin = []
+    if patience is not None:
+        if val is None:
+            raise ValueError("patience (early stopping) needs val_data to watch")
+        builtin.append(EarlyStopping(patience))
+    if tol_rel_obj is not None:
+        builtin.append(Convergence(tol_rel_obj))
+    if checkpoint is not None:
+        builtin.append(Checkpoint(checkpoint, every=checkpoint_every))
+    if progress:
+        builtin.append(ProgressBar())
+    if resume is True:
+        if checkpoint is None:
+            raise ValueError("resume=True needs checkpoint=PATH to resume from")
+        resume = checkpoint if os.path.exists(checkpoint) else None
+    elif resume:  # distributed: rank 0 reads the checkpoint, the other nodes need not see it
+        if not os.path.exists(resume) and strategy.is_main:
+            raise ValueError(f"resume: checkpoint {os.fspath(resume)!r} does not exist")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    config = {
+        "elbo": _name_of(elbo) if isinstance(elbo, str) else type(elbo).__name__,
+        "num_particles": num_particles, "batch_size": batch_size or n, "num_data": n,
+        "num_epochs": num_epochs, "num_steps": total, "optimizer": _name_of(optimizer),
+        "lr": lr, "clip_norm": opts.clip_norm, "log_every": log_every,
+        "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
+        "seed": seed, "drop_last": opts.drop_last, "device": str(dev),
+        "vectorize_particles": opts.vectorize_particles, "validate": opts.validate,
+        "data_fingerprint": fit_data.fingerprint(),
+        "watch": ["elbo"] + (["val_elbo"] if val is not None else []),
+    }
+    if strategy.world > 1:
+        config["world_size"] = strategy.world
+
+    def call_args(tensors, of):
+        return of.call_args(tensors, of.num_data if pass_num_data else None)
+
+    store = pyro.get_param_store()
+    outer = store.get_state()
+    store.clear()
+    try:
+        strategy.connect()
+        seed = config["seed"] = strategy.broadcast_object(seed)  # rank 0's seed and checkpoint
+        resume = strategy.broadcast_object(resume)
+        pyro.set_rng_seed(seed)
+        layers = any(isinstance(layer, torch.nn.Linear)
+                     for module in modules_of(model, guide).values() for layer in module.modules())
+        backend = opts.linear_backend if layers or opts.linear_backend != "auto" else "torch"
+        config["linear_backend"] = resolve_backend(backend, dev)
+        with device_context(dev), linear_backend(config["linear_backend"], dev):
+            loop = Loop(model, guide, fit_data, val_data=val, step_fn=None, strategy=strategy,
+                        elbo=None, batch_size=batch_size or n, total_steps=total,
+                        steps_per_epoch=steps_per_epoch, log_every=log_every,
+                        drop_last=opts.drop_last, val_batch_size=opts.val_batch_size or batch_size or n,
+                        transform=transform, callbacks=user_callbacks + builtin, config=config,
+                        call_args=call_args)
+            guide_trace, model_trace = loop.trace_first_batch()
+            check_sites(model_trace, guide_trace)
+            enumerated = any(site["type"] == "sample" and site["infer"].get("enumerate")
+                             for tr in (guide_trace, model_trace) for site in tr.nodes.values())
+            objective = (make_elbo(elbo, enumerated=enumerated, **elbo_args) if isinstance(elbo, str)
+                         else make_elbo(elbo))
+            config["elbo_class"] = type(objective).__name__
+            loop.elbo = objective
+            loop.step_fn = EagerStep(model, guide, objective, optimizer=optimizer, lr=lr,
+                                     optimizer_args=opts.optimizer_args, lr_schedule=lr_schedule,
+                                     total_steps=total, clip_norm=opts.clip_norm,
+                                     validate=opts.validate, strategy=strategy)
+            return loop.run(resume or None)
+    finally:
+        store.clear()
+        store.set_state(outer)

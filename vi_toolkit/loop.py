@@ -1,0 +1,357 @@
+"""The fit loop: batches, steps, the once-an-interval read-back, divergence, callbacks.
+
+One pass of the loop draws a batch (a fresh permutation of the data each epoch, split
+across processes by the strategy), applies the ``transform``, runs one step
+(:mod:`vi_toolkit.step`) and calls every callback's ``on_step_end``. Losses stay on the
+device; once a logging interval (at most 100 steps, and at every epoch's end) they are read
+back together, the only host sync of the loop, and checked: a NaN or infinite loss or
+parameter is a divergence, answered by replaying the interval from its last good state
+(every random number generator included, so the replay is exact) to name the first
+parameter or site that is not finite, then a :class:`~vi_toolkit.DivergenceError` that
+holds the last good state. At each epoch's end (a full-batch fit: each interval) the
+training ELBO per point, the held-out ELBO and the learning rate are recorded and the
+callbacks' ``on_epoch_end`` runs.
+
+The loop owns the fit's progress (step, epoch, position in the permutation, history) and
+assembles the checkpoint: the step's state, the progress, the callbacks' states and every
+random number generator's state.
+"""
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+
+import pyro
+import torch
+
+from .callbacks import FitState
+from .checkpoint import get_rng_state, load_checkpoint, set_rng_state
+from .distributed import DistributedError
+from .errors import DivergenceError, FitError
+from .optim import current_lr
+from .result import PROBE_POINTS, FitResult, capture_state
+from .traces import describe_tensors, modules_of, trace_pair
+
+# the settings a resumed fit must share with the fit that wrote the checkpoint
+RESUME_KEYS = ("elbo", "num_particles", "batch_size", "num_data", "optimizer", "lr",
+               "clip_norm", "seed", "drop_last", "world_size", "data_fingerprint")
+HISTORY_KEYS = ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")
+
+
+class Loop:
+    """One run of the SVI loop over ``data`` with ``step_fn`` (see the module)."""
+
+    def __init__(self, model, guide, data, *, val_data, step_fn, strategy, elbo, batch_size,
+                 total_steps, steps_per_epoch, log_every, drop_last, val_batch_size, transform,
+                 callbacks, config, call_args):
+        self.model, self.guide, self.data, self.val = model, guide, data, val_data
+        self.step_fn, self.strategy, self.elbo = step_fn, strategy, elbo
+        self.batch_size, self.total_steps, self.steps_per_epoch = batch_size, total_steps, steps_per_epoch
+        self.minibatch = batch_size < data.num_data
+        self.log_every, self.drop_last, self.val_batch_size = log_every, drop_last, val_batch_size
+        self.transform, self.callbacks, self.config = transform, callbacks, config
+        self.call_args = call_args
+        self.device = strategy.device
+        self.history = {k: [] for k in HISTORY_KEYS}
+        self.step = self.epoch = self.pos = 0
+        self.interval = []  # losses since the last recorded epoch (or interval)
+        self.perm = None
+        self.share = 1.0
+        self.state = FitState(self)
+
+    # -- batches -------------------------------------------------------------------------
+    def next_batch(self):
+        """The next training batch (this process's part) and whether it ends an epoch."""
+        n, b = self.data.num_data, self.batch_size
+        if not self.minibatch:
+            if self.strategy.world == 1:
+                return self.data.tensors, True
+            index, end = torch.arange(n, device=self.device), True
+        else:
+            if self.pos == 0:
+                self.perm = torch.randperm(n, device=self.device)
+                self.strategy.broadcast_(self.perm)  # every process splits rank 0's permutation
+            index = self.perm[self.pos:self.pos + b]
+            self.pos += b
+            end = self.pos >= n or (self.drop_last and self.pos + b > n)
+            if end:
+                self.pos = 0
+        index, self.share = self.strategy.shard(index)
+        return self.data.batch(index), end
+
+    def transformed(self, tensors):
+        if self.transform is None:
+            return tensors
+        out = self.transform(tensors)
+        if not isinstance(out, (list, tuple)) or len(out) != len(tensors) or not all(
+                torch.is_tensor(t) for t in out):
+            name = getattr(self.transform, "__name__", type(self.transform).__name__)
+            raise ValueError(f"transform {name} must return a list of {len(tensors)} tensor(s), the "
+                             f"batch's tensors in order, got {type(out).__name__}")
+        return out
+
+    def train_step(self, tensors):
+        args, kwargs = self.call_args(self.transformed(tensors), self.data)
+        return self.step_fn.update(args, kwargs, self.share)
+
+    # -- initialisation ------------------------------------------------------------------
+    def trace_first_batch(self):
+        """Run guide and model once on the first batch: lazy parameters come into being.
+
+        Returns:
+            ``(guide_trace, model_trace)``; a failure is a ``ValueError`` naming the batch.
+        """
+        for module in modules_of(self.model, self.guide).values():
+            module.to(self.device)
+        tensors = self.transformed(self.data.batch(torch.arange(self.batch_size, device=self.device)))
+        args, kwargs = self.call_args(tensors, self.data)
+        self.first_args = args, kwargs
+        try:
+            with torch.no_grad(), pyro.validation_enabled(self.config["validate"] is not False):
+                guide_trace, model_trace = trace_pair(self.model, self.guide, args, kwargs)
+        except ValueError as err:
+            raise ValueError(f"{err} (on the first batch of data: {describe_tensors(tensors)})") from err
+        if self.minibatch or self.strategy.world > 1:
+            sizes = {f.full_size or f.size for site in model_trace.nodes.values()
+                     if site["type"] == "sample" for f in site["cond_indep_stack"]}
+            if self.data.num_data not in sizes:
+                raise ValueError(
+                    f"minibatching: no plate in the model has size num_data="
+                    f"{self.data.num_data}, so its local terms would not be scaled by N/B; "
+                    "open the data plate with vi_toolkit.data_plate(x, num_data)")
+        for p in pyro.get_param_store().values():
+            if p.device != self.device:
+                p.data = p.data.to(self.device)
+        return guide_trace, model_trace
+
+    def initialise(self):
+        """Fix the ELBO's plate nesting before the first step, build the step's optimizer."""
+        if self.elbo.max_plate_nesting == float("inf"):
+            # Pyro would guess it by tracing inside the first step; guess it now, so that no
+            # step draws random numbers that the step before it did not (exact resume)
+            args, kwargs = self.first_args
+            quiet = logging.getLogger("pyro.infer.elbo")  # Pyro logs its guess at INFO
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)
+            try:
+                with pyro.validation_enabled(self.config["validate"] is not False):
+                    self.elbo._guess_max_plate_nesting(self.model, self.guide, args, kwargs)
+            finally:
+                quiet.setLevel(level)
+        self.step_fn.init()
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, fit_data):
+        """ELBO per data point on ``fit_data``: sum of batch estimates scaled to N, over N."""
+        total = torch.zeros((), device=self.device)
+        batches = list(fit_data.batches(self.val_batch_size))
+        for tensors in batches[self.strategy.rank::self.strategy.world]:
+            args, kwargs = self.call_args(tensors, fit_data)
+            total = total + self.step_fn.loss(args, kwargs) * tensors[0].shape[0] / fit_data.num_data
+        return -float(self.strategy.sum(total)) / fit_data.num_data
+
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self, all_ranks=False):
+        """The whole state of the fit, as a checkpoint holds it; with ``all_ranks`` the random
+        streams of every process too (a collective in a distributed fit)."""
+        state = self.step_fn.state_dict()
+        state.update({
+            "config": dict(self.config),
+            "history": {k: list(v) for k, v in self.history.items()},
+            "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos,
+                         "perm": None if self.perm is None else self.perm.clone(),
+                         "interval": list(self.interval)},
+            "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
+                          for cb in self.callbacks],
+            "rng": get_rng_state(),
+        })
+        if all_ranks and self.strategy.world > 1:
+            state["rng_ranks"] = self.strategy.gather_objects(state["rng"])
+        return state
+
+    def restore(self, state, source):
+        self.step_fn.load_state_dict(state, source)
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        prog = state["progress"]
+        self.step, self.epoch, self.pos = prog["step"], prog["epoch"], prog["pos"]
+        self.perm = None if prog["perm"] is None else prog["perm"].to(self.device)
+        self.interval = list(prog["interval"])
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
+        set_rng_state(state["rng"])
+
+    def resume_from(self, path):
+        # rank 0 reads it: the other nodes need no shared file system
+        state = self.strategy.broadcast_object(load_checkpoint(path) if self.strategy.is_main else None)
+        old = state["config"]
+        diff = {k: (old.get(k), self.config.get(k)) for k in RESUME_KEYS
+                if old.get(k) != self.config.get(k)}
+        if diff:
+            raise ValueError(f"cannot resume from {str(path)!r}: settings differ "
+                             f"(checkpoint, now): {diff}")
+        self.restore(state, f"checkpoint {str(path)!r}")
+        if self.strategy.world > 1:
+            self.strategy.restore_stream(state["rng_ranks"])
+
+    def result(self):
+        probe = self.data.head(PROBE_POINTS)
+        probe = {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else (
+            probe.cpu() if torch.is_tensor(probe) else tuple(t.cpu() for t in probe))
+        return FitResult(self.model, self.guide, {k: list(v) for k, v in self.history.items()},
+                         dict(self.config), capture_state(self.model, self.guide), self.device,
+                         self.state.stopped, probe=probe)
+
+    # -- divergence ----------------------------------------------------------------------
+    def offending_site(self, tensors):
+        """Name the first parameter or site whose value or log-density is not finite."""
+        for name, p in self.step_fn.params.items():
+            if not torch.isfinite(p).all():
+                return f"parameter {name!r}"
+        args, kwargs = self.call_args(tensors, self.data)
+        try:  # without validation, so that a bad value shows as a non-finite log-density
+            with torch.no_grad(), pyro.validation_enabled(False):
+                guide_trace, model_trace = trace_pair(self.model, self.guide, args, kwargs)
+                for role, trace in (("guide", guide_trace), ("model", model_trace)):
+                    trace.compute_log_prob()
+                    for name, site in trace.nodes.items():
+                        if site["type"] == "sample" and not torch.isfinite(site["log_prob_sum"]):
+                            return f"{role} site {name!r}"
+        except Exception as err:  # the site raised instead of returning inf
+            return f"unknown ({err})"
+        return None
+
+    def diverged(self, good, step):
+        """Replay from the last good state to the failing step, name the culprit, restore."""
+        self.restore(good, "the last good state")
+        while self.step < step - 1:  # the replay is exact: the state holds every RNG
+            self.train_step(self.next_batch()[0])
+            self.step += 1
+        site = self.offending_site(self.next_batch()[0])
+        self.restore(good, "the last good state")
+        self.state.stopped = "diverged"
+        last = self.history["elbo"][-1] if self.history["elbo"] else None
+        last_text = "none yet" if last is None else f"{last:.6g} per data point"
+        where = f"; offending: {site}" if site else ""
+        advice = "Lower lr, set clip_norm, or check the model's scales."
+        if site and site.startswith("parameter"):
+            advice = ("A parameter left its support: constrain it (pyro.param(..., constraint=)) or "
+                      "project it after every update with a callback's on_step_end; or lower lr / "
+                      "set clip_norm.")
+        raise DivergenceError(
+            f"the loss became NaN or infinite at step {step}{where}. The last finite ELBO was "
+            f"{last_text}; the fit's parameters are restored to step {self.step} (the error's "
+            f".result holds them). {advice}",
+            step=step, last_elbo=last, site=site, result=self.result())
+
+    def failed(self, good, err, tensors):
+        step = self.step + 1
+        self.restore(good, "the last good state")
+        hint = ""
+        if self.config["num_particles"] > 1 and self.config.get("vectorize_particles", True):
+            hint = (" With vectorized particles every site gets a leading particle dimension: "
+                    "write the model with broadcasting (x.new_*, ..., not fixed shapes) or pass "
+                    "options={'vectorize_particles': False}.")
+        raise FitError(f"step {step}: the {type(self.elbo).__name__} loss failed on a batch "
+                       f"({describe_tensors(tensors)}): {type(err).__name__}: {err}.{hint} The fit's "
+                       f"state at step {self.step} is in the error's .result.",
+                       step=step, result=self.result()) from err
+
+    # -- the loop ------------------------------------------------------------------------
+    def record(self, epoch_losses, start_time):
+        """End of an epoch (or logging interval): ELBO, held-out ELBO, callbacks."""
+        elbo = -sum(epoch_losses) / len(epoch_losses) / self.data.num_data
+        val = self.evaluate(self.val) if self.val is not None else None
+        h = self.history
+        h["step"].append(self.step)
+        h["epoch"].append(self.epoch)
+        h["elbo"].append(elbo)
+        h["lr"].append(current_lr(self.step_fn.optimizer))
+        h["time"].append(time.perf_counter() - start_time)
+        if val is not None:
+            h["val_elbo"].append(val)
+        self.state.elbo, self.state.val_elbo = elbo, val
+        self.step_fn.end_epoch()
+        self.call("on_epoch_end", "the end of an epoch")
+
+    def call(self, hook, when):
+        """Run every callback's ``hook``; an error in one becomes a FitError with the state."""
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(self.state)
+            except (KeyboardInterrupt, FitError, DistributedError):
+                raise
+            except Exception as err:
+                name = type(cb).__name__ if not hasattr(cb, "fn") else getattr(cb.fn, "__name__", "callback")
+                raise FitError(f"step {self.step}: callback {name}.{hook} failed at {when}: "
+                               f"{type(err).__name__}: {err}. The fit's state at step {self.step} "
+                               "is in the error's .result.", step=self.step, result=self.result()) from err
+
+    def readback(self, pending):
+        """Read the interval's losses back (summed over processes); their first bad index."""
+        losses = self.strategy.sum(torch.stack(pending)).tolist()
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is None and not torch.stack(
+                [torch.isfinite(p).all() for p in self.step_fn.params.values()]).all():
+            bad = len(losses) - 1
+        return losses, bad
+
+    def run(self, resume):
+        """Initialise, resume if asked, run the steps; the :class:`FitResult`."""
+        self.initialise()
+        self.strategy.broadcast_(list(self.step_fn.params.values()))  # identical parameters
+        self.strategy.seed_stream(self.config["seed"])  # independent guide noise per process
+        if resume:
+            self.resume_from(resume)
+        self.call("on_fit_start", "the start")
+        start_time = time.perf_counter() - (self.history["time"][-1] if self.history["time"] else 0.0)
+        good = self.snapshot()
+        pending = []
+        try:
+            while self.step < self.total_steps and self.state.stopped is None:
+                tensors, end_of_epoch = self.next_batch()
+                try:
+                    self.state.loss = self.train_step(tensors)
+                except (KeyboardInterrupt, FitError, DistributedError):
+                    raise
+                except Exception as err:
+                    self.failed(good, err, tensors)
+                pending.append(self.state.loss)
+                self.step += 1
+                if end_of_epoch:
+                    self.epoch += 1
+                self.call("on_step_end", f"step {self.step}")
+                last = self.step == self.total_steps or self.state.stopped is not None
+                record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
+                if not (record or self.step % self.log_every == 0 or last):
+                    continue
+                losses, bad = self.readback(pending)
+                pending = []
+                if bad is not None:
+                    self.diverged(good, self.step - len(losses) + bad + 1)
+                self.history["loss"].extend(losses)
+                self.interval.extend(losses)
+                if record or (last and self.interval):
+                    epoch_losses, self.interval = self.interval, []
+                    self.record(epoch_losses, start_time)
+                good = self.snapshot()
+        except KeyboardInterrupt:
+            self.restore(good, "the last good state")
+            self.state.stopped = "interrupted"
+            warnings.warn(f"fit interrupted at step {self.step}; returning the state at the "
+                          "last completed interval")
+        finally:
+            for cb in self.callbacks:  # a progress bar left open garbles the next output
+                if hasattr(cb, "close"):
+                    cb.close()
+        self.state.stopped = self.state.stopped or "max steps"
+        self.call("on_fit_end", "the end")
+        return self.result()
+
+
+def device_context(device):
+    """Tensors created inside are on ``device`` (a GPU's); nothing to do for the CPU."""
+    return torch.device(device) if device.type != "cpu" else contextlib.nullcontext()
