@@ -19,7 +19,7 @@ the same data plate for its local codes z_i.
 * :class:`IAFEncoder`  a normalizing flow on top of the amortized Gaussian: z_0 ~ N(mu(x),
   sigma^2(x)), z = f_K o ... o f_1(z_0) with inverse autoregressive flows (Kingma et al. 2016)
   f(z) = mu_k(z) + sigma_k(z) * z with autoregressive mu_k, sigma_k, so that
-  log q(z | x) = log N(z_0; mu(x), sigma^2(x)) - sum_k log |det df_k / dz|.
+  log q(z | x) = log N(z_0; mu(x), sigma^2(x)) - sum_k log ``|det df_k / dz|``.
 """
 
 import pyro

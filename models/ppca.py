@@ -9,9 +9,12 @@ linear encoder with a covariance shared by all points, which ``vi_toolkit.guides
 contains exactly, so its ELBO can reach max log p(x).
 
 The maximum of the log-likelihood is in closed form (:func:`closed_form`): with S the
-sample covariance, eigenvalues l_1 >= ... >= l_D and eigenvectors U_q,
+sample covariance, eigenvalues l_1 >= ... >= l_D and eigenvectors U_q::
+
     mu = mean(x),  sigma^2 = 1/(D - q) sum_{j>q} l_j,  W = U_q (diag(l_1..l_q) - sigma^2 I)^(1/2) R
-for any rotation R, and
+
+for any rotation R, and::
+
     L_max / N = -1/2 (D log 2 pi + sum_{j<=q} log l_j + (D - q) log sigma^2 + D).
 """
 

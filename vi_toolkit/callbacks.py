@@ -155,7 +155,7 @@ class EarlyStopping(Callback):
 class Convergence(Callback):
     """Stop when the relative change of the epoch loss falls below ``tol_rel_obj``.
 
-    As Stan's ADVI: the mean or the median of the relative changes |L_t - L_{t-1}| / |L_t|
+    As Stan's ADVI: the mean or the median of the relative changes ``|L_t - L_{t-1}| / |L_t|``
     over a window (the last 10% of the planned epochs, at least 2) below the tolerance.
     """
 

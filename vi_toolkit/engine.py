@@ -136,20 +136,27 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
 
     Args:
-        model, guide: Pyro callables taking the data (and ``num_data``, see
-            :mod:`vi_toolkit.plates`): functions using ``pyro.param``/``pyro.module``,
-            ``PyroModule``\\ s, or autoguides.
+        model: a Pyro callable taking the data (and ``num_data``, see
+            :mod:`vi_toolkit.plates`): a function using ``pyro.param``/``pyro.module`` or a
+            ``PyroModule``.
+        guide: a Pyro callable taking the model's arguments: a function, a ``PyroModule``
+            or an autoguide.
         data: a tensor, or a tuple or dict of tensors sharing dimension 0 (data points).
         elbo: ``"auto"``, ``"trace"``, ``"meanfield"``, ``"enum"``, ``"iwae"`` or a Pyro ELBO
-            (:func:`vi_toolkit.elbo.make_elbo`). ``num_particles``: Monte Carlo samples a step.
-        optimizer, lr: a name, a torch optimizer class or factory, or a ``pyro.optim`` object
-            (:mod:`vi_toolkit.optim`); ``lr`` defaults to 1e-3 for a name, to the optimizer's own
-            default otherwise. ``lr_schedule``: ``"cosine"``, ``"exponential"`` or
-            ``optimizer -> scheduler``, stepped every step (:func:`vi_toolkit.optim.make_scheduler`).
-        batch_size: minibatch size (``None``: full batch). ``num_epochs`` passes over the
-            data (default 10), or ``num_steps`` optimisation steps (full batch: default 1000).
+            (:func:`vi_toolkit.elbo.make_elbo`).
+        num_particles: Monte Carlo samples a step.
+        optimizer: a name, a torch optimizer class or factory, or a ``pyro.optim`` object
+            (:mod:`vi_toolkit.optim`).
+        lr: the learning rate; defaults to 1e-3 for a name, to the optimizer's own default
+            otherwise.
+        lr_schedule: ``"cosine"``, ``"exponential"`` or ``optimizer -> scheduler``, stepped
+            every step (:func:`vi_toolkit.optim.make_scheduler`).
+        batch_size: minibatch size (``None``: full batch).
+        num_epochs: passes over the data (default 10).
+        num_steps: optimisation steps instead (full batch: default 1000).
         val_data: held-out data of the same structure; its ELBO per point is recorded
-            each epoch. ``patience``: stop after that many epochs without improvement of it and
+            each epoch.
+        patience: stop after that many epochs without improvement of the held-out ELBO and
             restore the best parameters (:class:`~vi_toolkit.callbacks.EarlyStopping`).
         tol_rel_obj: stop when the relative change of the loss falls below this
             (:class:`~vi_toolkit.callbacks.Convergence`, as Stan's ADVI).
@@ -166,17 +173,17 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
             building them.
         progress: show a tqdm progress bar.
         checkpoint: path of a checkpoint written each epoch and at the end
-            (:class:`~vi_toolkit.callbacks.Checkpoint`); ``resume``: ``True`` resumes from
-            ``checkpoint`` if it exists, or a path to resume from.
+            (:class:`~vi_toolkit.callbacks.Checkpoint`).
+        resume: ``True`` resumes from ``checkpoint`` if it exists, or a path to resume from.
         options: the rarely changed settings, a :class:`FitOptions` or a dict.
 
     Returns:
-        :class:`~vi_toolkit.FitResult`.
+        :class:`~vi_toolkit.result.FitResult`.
 
     Raises:
-        ValueError: bad input, before any work. :class:`~vi_toolkit.DivergenceError` if the
-        loss becomes NaN or infinite, :class:`~vi_toolkit.FitError` if a step or a callback
-        fails; both hold the last good state in ``.result``.
+        ValueError: bad input, before any work.
+        DivergenceError: the loss became NaN or infinite; ``.result`` holds the last good state.
+        FitError: a step or a callback failed; ``.result`` holds the last good state.
     """
     opts = _options(options)
     strategy = make_strategy(opts.distributed, device)

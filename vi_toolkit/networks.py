@@ -74,7 +74,7 @@ def _conv_shape(data_shape, channels, role):
 
 
 class Encoder(nn.Module):
-    """x of shape (B, *data_shape) -> ``heads`` tensors of shape (B, latent_dim)."""
+    """x of shape ``(B, *data_shape)`` -> ``heads`` tensors of shape (B, latent_dim)."""
 
     def __init__(self, data_shape, latent_dim, *, arch="mlp", hidden=(400,), activation="relu",
                  channels=(32, 64), heads=2):
@@ -103,7 +103,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z of shape (B, latent_dim) -> ``heads`` tensors of shape (B, *data_shape)."""
+    """z of shape (B, latent_dim) -> ``heads`` tensors of shape ``(B, *data_shape)``."""
 
     def __init__(self, latent_dim, data_shape, *, arch="mlp", hidden=(400,), activation="relu",
                  channels=(32, 64), heads=1):

@@ -139,7 +139,8 @@ class FitResult:
 
         Args:
             num_samples: the number of draws S.
-            *args, **kwargs: the model's arguments (the data, as for ``fit``).
+            *args: the model's arguments (the data, as for ``fit``).
+            **kwargs: its keyword arguments.
 
         Returns:
             ``{site: tensor of shape (S, *site shape)}``.

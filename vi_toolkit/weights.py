@@ -144,7 +144,7 @@ def log_weights(model, guide, args, kwargs, num_samples, max_plate_nesting, *,
     Returns ``(local, global_)`` of shapes (K, B) and (K,):
     local_ik = log p(x_i, z_ik | theta_k) - log q(z_ik | x_i, theta_k) (enumerated discrete
     latents summed out) and global_k = log p(theta_k) - log q(theta_k), so that the
-    joint log weight of the batch is local.sum(1) + global_.
+    joint log weight of the batch is ``local.sum(1) + global_``.
     """
     traces = sample_traces(model, guide, args, kwargs, num_samples, max_plate_nesting)
     return trace_log_weights(*traces, num_samples, data_plate=data_plate)
