@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-full clean
+.PHONY: demo test test-slow bench bench-full docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,11 @@ bench-full: $(STAMP)
 		$(PY) $$script --out out/bench-full/$$(basename $$script .py) || exit 1; \
 	done
 
+# the API reference from the docstrings, warnings as errors: docs/_build/html/index.html
+docs: $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	rm -rf docs/api  # autosummary writes a page per module here at each build
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache docs/_build docs/api
