@@ -25,7 +25,6 @@ The ratio toolkit / reference is the figure the speed targets are stated in. Wri
 ``seconds_to_target.png`` and ``metrics.json``.
 """
 
-import os
 import time
 import warnings
 
@@ -41,7 +40,7 @@ from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.hmm import HiddenMarkovModel
 from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit, plots
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import print_summary, save_figure, script_parser, write_metrics
 
 GMM_TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
             "locs": torch.tensor([[-1.5, 0.0], [1.0, 1.0], [1.0, -1.0]]),
@@ -226,10 +225,12 @@ def main(argv=None):
                   f"{'-' if row['time_ratio'] is None else format(row['time_ratio'], '.2f') + 'x':>10}",
                   flush=True)
     metrics = {"tolerance": args.tolerance, "rows": rows}
-    plots.bar_chart({f"{r['model'].split(' ')[0]} N={r['N']:.0e} {who}": r[f"{key}_seconds_to_target"] or float("nan")
-                     for r in rows for who, key in (("reference", "reference"), ("toolkit", "toolkit"))},
-                    os.path.join(args.out, "seconds_to_target.png"), ylabel="seconds to target",
-                    title=f"Time to the reference's held-out log-likelihood - {args.tolerance} nats")
+    save_figure(plots.bar_chart({f"{r['model'].split(' ')[0]} N={r['N']:.0e} {who}":
+                                 r[f"{key}_seconds_to_target"] or float("nan")
+                                 for r in rows for who, key in (("reference", "reference"), ("toolkit", "toolkit"))},
+                                ylabel="seconds to target",
+                                title=f"Time to the reference's held-out log-likelihood - {args.tolerance} nats"),
+                args.out, "seconds_to_target")
     write_metrics(args.out, metrics)
     print_summary("Time to the reference's held-out log-likelihood (within the tolerance); "
                   "ratio toolkit / reference",

@@ -16,10 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-import matplotlib.pyplot as plt
-
-from vi_toolkit.plots import save
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit import plots
+from vi_toolkit.scripts import print_summary, save_figure, script_parser, write_metrics
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples",
                        "distributed_vae.py")
@@ -62,12 +60,9 @@ def main(argv=None):
     base = rates[counts[0]]
     for k in counts[1:]:
         metrics[f"speedup_{k}_vs_{counts[0]}_processes"] = rates[k] / base
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([str(k) for k in counts], [rates[k] for k in counts])
-    ax.set_xlabel("processes")
-    ax.set_ylabel("training points / s")
-    ax.set_title(f"digits VAE, batch {args.batch_size}, {args.threads} thread(s) per process")
-    save(fig, os.path.join(args.out, "throughput.png"))
+    save_figure(plots.bar_chart({f"{k} process(es)": rates[k] for k in counts}, ylabel="training points / s",
+                                title=f"digits VAE, batch {args.batch_size}, {args.threads} thread(s) per process"),
+                args.out, "throughput")
     write_metrics(args.out, metrics)
     print_summary(f"data-parallel throughput; files in {args.out}", metrics)
     return metrics

@@ -20,7 +20,6 @@ draws differ).
 """
 
 import math
-import os
 import time
 
 import torch
@@ -30,7 +29,7 @@ from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.evaluation import pointwise_estimates
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 @torch.no_grad()
@@ -109,10 +108,10 @@ def main(argv=None):
     metrics["best_toolkit_samples_per_second"], metrics["best_torch_samples_per_second"] = best["toolkit"], best["torch"]
     metrics["toolkit_over_torch_time"] = best["torch"] / best["toolkit"]
     metrics["minutes_for_10k_images_k5000"] = 1e4 * 5000 / best["toolkit"] / 60
-    plots.bar_chart({f"{name} (chunk {c})": metrics[f"{name}_chunk{c}_samples_per_second"]
-                     for name in ("toolkit", "torch") for c in args.chunk_sizes},
-                    os.path.join(args.out, "iwae_throughput.png"), ylabel="images x samples per second",
-                    title=f"IWAE evaluation, K = {args.num_samples}")
+    save_figure(plots.bar_chart({f"{name} (chunk {c})": metrics[f"{name}_chunk{c}_samples_per_second"]
+                                 for name in ("toolkit", "torch") for c in args.chunk_sizes},
+                                ylabel="images x samples per second", title=f"IWAE evaluation, K = {args.num_samples}"),
+                args.out, "iwae_throughput")
     a, b = rows["toolkit", args.chunk_sizes[-1]], rows["torch", args.chunk_sizes[-1]]
     diff = a - b
     metrics["toolkit_iwae"], metrics["torch_iwae"] = float(a.mean()), float(b.mean())

@@ -16,7 +16,6 @@ Writes ``scaling_points.png`` and ``scaling_width.png`` (log-log) and ``metrics.
 """
 
 import argparse
-import os
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from vae_speed import metric_key, run_fit, run_pyro_loop
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser, use_cores
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
 
 IMPLEMENTATIONS = {"fit": run_fit, "pyro loop": run_pyro_loop}
 
@@ -68,10 +67,12 @@ def main(argv=None):
     start = time.perf_counter()
     by_points = sweep(x, args, args.sizes, "points")
     by_width = sweep(x, args, args.widths, "hidden")
-    plots.scaling(args.sizes, by_points, os.path.join(args.out, "scaling_points.png"),
-                  xlabel="training images N", title=f"Time per epoch against N (H = {args.hidden})")
-    plots.scaling(args.widths, by_width, os.path.join(args.out, "scaling_width.png"),
-                  xlabel="hidden width H", title=f"Time per epoch against H (N = {args.points})")
+    save_figure(plots.scaling(args.sizes, by_points, xlabel="training images N",
+                              title=f"Time per epoch against N (H = {args.hidden})"),
+                args.out, "scaling_points")
+    save_figure(plots.scaling(args.widths, by_width, xlabel="hidden width H",
+                              title=f"Time per epoch against H (N = {args.points})"),
+                args.out, "scaling_width")
     metrics = {"dataset": "digits" if args.quick else args.dataset, "threads": torch.get_num_threads(),
                "batch_size": args.batch_size, "sizes": args.sizes, "widths": args.widths}
     for name in IMPLEMENTATIONS:

@@ -32,7 +32,7 @@ from vi_toolkit.models.vae import DeepLatentGaussian
 from vae_vs_pyro_loop import pyro_loop
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser, use_cores
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
 
 
 def networks(shape, hidden, latent, seed):
@@ -187,9 +187,10 @@ def main(argv=None):
         ratio = seconds / metrics[f"b{batch}_fit_seconds_per_epoch"]
         metrics[f"b{batch}_{metric_key(name)}_vs_fit"] = ratio
         print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}")
-    plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
-                    os.path.join(args.out, "seconds_per_epoch.png"), ylabel="seconds per epoch",
-                    title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}")
+    save_figure(plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
+                                ylabel="seconds per epoch",
+                                title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}"),
+                args.out, "seconds_per_epoch")
     return finish(args.out, "VAE seconds per epoch: fit, Pyro loop, PyTorch, NumPyro", metrics, start)
 
 

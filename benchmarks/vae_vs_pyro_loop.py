@@ -19,7 +19,6 @@ vectorized samples of the Monte Carlo estimate, the same seed), so the two are s
 however they were trained. Reports test ELBOs and seconds per epoch.
 """
 
-import os
 import time
 
 import pyro
@@ -32,7 +31,7 @@ from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.elbo import TraceELBO
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import print_summary, save_figure, script_parser, write_metrics
 
 
 @torch.no_grad()
@@ -110,8 +109,9 @@ def main(argv=None):
         "fit_train_elbo_last_epoch": result.elbo, "pyro_loop_train_elbo_last_epoch": loop["elbo"][-1],
     }
     metrics["fit_minus_pyro_loop_test_elbo"] = metrics["fit_test_elbo"] - metrics["pyro_loop_test_elbo"]
-    plots.elbo_curves({f"vi_toolkit.fit ({args.fit_elbo})": result.history, "Pyro SVI loop (trace)": loop},
-                      os.path.join(args.out, "train_elbo.png"), x="epoch", title="Training ELBO per image")
+    save_figure(plots.elbo_curves({f"vi_toolkit.fit ({args.fit_elbo})": result.history, "Pyro SVI loop (trace)": loop},
+                                  x="epoch", title="Training ELBO per image"),
+                args.out, "train_elbo")
     write_metrics(args.out, metrics)
     print_summary(f"fit ({args.fit_elbo}) vs Pyro SVI loop: MLP VAE on {data.name} ({epochs} epochs)", metrics)
     return metrics

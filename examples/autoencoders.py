@@ -25,7 +25,6 @@ a Gaussian guide.
 """
 
 import math
-import os
 import time
 
 import torch
@@ -35,7 +34,7 @@ from vi_toolkit.models.ppca import PPCA
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 def ppca_pca(x, dim):
@@ -109,10 +108,10 @@ def main(argv=None):
     metrics["ppca_train_loglik_per_point"] = L_max
     metrics["ppca_test_loglik_per_point"] = float(PPCA(*directions.shape).log_likelihood(flat_test, ppca).mean())
     n = 8
-    plots.image_grid(torch.cat([flat_test[:n], lin_rec[:n], pca_rec[:n]]).reshape(3 * n, *shape),
-                     os.path.join(args.out, "linear_ae_vs_pca.png"), nrow=n,
-                     row_labels=["test", "linear AE", "PCA"],
-                     title=f"Linear auto-encoder vs PCA, d = {args.linear_dim}")
+    save_figure(plots.image_grid(torch.cat([flat_test[:n], lin_rec[:n], pca_rec[:n]]).reshape(3 * n, *shape),
+                                 nrow=n, row_labels=["test", "linear AE", "PCA"],
+                                 title=f"Linear auto-encoder vs PCA, d = {args.linear_dim}"),
+                args.out, "linear_ae_vs_pca")
 
     # 2. deep auto-encoders (cross-entropy reconstruction loss)
     recs, fits = {}, {}
@@ -125,9 +124,9 @@ def main(argv=None):
         metrics[f"{arch}_ae_val_elbo"] = result.val_elbo  # = -cross-entropy per validation image
         if arch == "mlp":
             ae = (model, guide)
-    plots.image_grid(torch.cat([x_test[:n], recs["mlp"][:n], recs["conv"][:n]]),
-                     os.path.join(args.out, "reconstructions.png"), nrow=n,
-                     row_labels=["test", "MLP AE", "conv AE"], title="Reconstructions of test images")
+    save_figure(plots.image_grid(torch.cat([x_test[:n], recs["mlp"][:n], recs["conv"][:n]]), nrow=n,
+                                 row_labels=["test", "MLP AE", "conv AE"], title="Reconstructions of test images"),
+                args.out, "reconstructions")
 
     # 3. interpolation, auto-encoder and VAE side by side
     vae = (DeepLatentGaussian(shape, args.latent_dim, hidden=hidden),
@@ -142,10 +141,11 @@ def main(argv=None):
         for label, (model, guide) in (("AE", ae), ("VAE", vae)):
             rows.append(interpolate(model, guide, a[p:p + 1], b[p:p + 1], steps))
             labels.append(f"{label} {p + 1}")
-    plots.image_grid(torch.cat(rows), os.path.join(args.out, "interpolation.png"), nrow=steps,
-                     row_labels=labels, title="Latent interpolation: auto-encoder vs VAE")
-    plots.elbo_curves(fits, os.path.join(args.out, "elbo.png"), x="epoch",
-                      title="Training (solid) and validation (dashed) ELBO")
+    save_figure(plots.image_grid(torch.cat(rows), nrow=steps, row_labels=labels,
+                                 title="Latent interpolation: auto-encoder vs VAE"),
+                args.out, "interpolation")
+    save_figure(plots.elbo_curves(fits, x="epoch", title="Training (solid) and validation (dashed) ELBO"),
+                args.out, "elbo")
     return finish(args.out, f"Auto-encoders on {data.name} (latent {args.latent_dim}, {epochs} epochs)", metrics, start)
 
 

@@ -13,7 +13,6 @@ images most consistent with the visible pixels (several modes) and their mean; t
 ``blur`` is the mean of 4 x (1 - x) over pixels (0 for black-and-white images, 1 for grey 0.5).
 """
 
-import os
 import time
 
 import torch
@@ -22,7 +21,7 @@ from vi_toolkit.guides.vae import Corruption, DeltaEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 CORRUPTIONS = {"gaussian": 0.5, "mask": 0.5, "salt_pepper": 0.25}
 
@@ -61,10 +60,10 @@ def main(argv=None):
         restored = restore(x_tilde)
         metrics[f"{kind}_corrupted_sq_error"] = float(((x_tilde - x_test) ** 2).flatten(1).sum(1).mean())
         metrics[f"{kind}_restored_sq_error"] = float(((restored - x_test) ** 2).flatten(1).sum(1).mean())
-        plots.image_grid(torch.cat([x_tilde[:n].clamp(0, 1), restored[:n], x_test[:n]]),
-                         os.path.join(args.out, f"denoise_{kind}.png"), nrow=n,
-                         row_labels=["corrupted", "restored", "clean"],
-                         title=f"Denoising auto-encoder, {kind} corruption (level {level})")
+        save_figure(plots.image_grid(torch.cat([x_tilde[:n].clamp(0, 1), restored[:n], x_test[:n]]), nrow=n,
+                                     row_labels=["corrupted", "restored", "clean"],
+                                     title=f"Denoising auto-encoder, {kind} corruption (level {level})"),
+                    args.out, f"denoise_{kind}")
 
     # the ambiguous corruption: most pixels masked, so several images fit the visible ones
     level = args.heavy_mask
@@ -79,9 +78,11 @@ def main(argv=None):
         for i in range(cols)])
     rows = [x_tilde[:cols], restored[:cols], neighbours.mean(1)] + [neighbours[:, j] for j in range(k)]
     rows.append(x_test[:cols])
-    plots.image_grid(torch.cat(rows), os.path.join(args.out, "ambiguous.png"), nrow=cols,
-                     row_labels=["masked", "h(x~)", "mean of fits"] + [f"fit {j + 1}" for j in range(k)] + ["clean"],
-                     title=f"{int(100 * level)}% masked: h(x~) ~ E[x | x~] blurs the candidates")
+    save_figure(plots.image_grid(torch.cat(rows), nrow=cols,
+                                 row_labels=["masked", "h(x~)", "mean of fits"] + [f"fit {j + 1}" for j in range(k)]
+                                 + ["clean"],
+                                 title=f"{int(100 * level)}% masked: h(x~) ~ E[x | x~] blurs the candidates"),
+                args.out, "ambiguous")
     metrics["ambiguous_blur_restored"] = blur(restored)
     metrics["ambiguous_blur_clean"] = blur(x_test)
     metrics["ambiguous_blur_nearest_training"] = blur(neighbours[:, 0])

@@ -19,7 +19,7 @@ from vi_toolkit import fit
 from vi_toolkit.datasets import load_images
 from vi_toolkit.distributed import launched, rank
 from vi_toolkit.plots import elbo_curves
-from vi_toolkit.scripts import print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import print_summary, save_figure, script_parser, write_metrics
 
 
 def main(argv=None):
@@ -53,8 +53,7 @@ def main(argv=None):
         "points_per_second": result.history["step"][-1] * args.batch_size / result.history["time"][-1],
     }
     if rank() == 0:
-        elbo_curves(result.history, f"{args.out}/elbo.png",
-                    title=f"VAE on 8x8 digits, {world} process(es)")
+        save_figure(elbo_curves(result.history, title=f"VAE on 8x8 digits, {world} process(es)"), args.out, "elbo")
         write_metrics(args.out, metrics)
         print_summary(f"distributed VAE ({world} process(es)); files in {args.out}", metrics)
     if launched():

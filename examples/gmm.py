@@ -10,7 +10,6 @@ score is kept (``vi_toolkit.recipes.select_K``), its points are
 coloured by their MAP assignments (``infer_discrete``) and its components drawn as ellipses.
 """
 
-import os
 import time
 
 import torch
@@ -19,7 +18,7 @@ from vi_toolkit.recipes import select_K
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, save_figure, script_parser, write_metrics
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
         "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
@@ -79,14 +78,14 @@ def main(argv=None):
             order = torch.cdist(TRUE["locs"], est["locs"]).argmin(-1)
             metrics["max_loc_error"] = float((est["locs"][order] - TRUE["locs"]).abs().max())
             metrics["max_weight_error"] = float((est["weights"][order] - TRUE["weights"]).abs().max())
-    plots.mixture_ellipses(x_cpu, est["locs"], mixture.covariances(est),
-                           os.path.join(args.out, "mixture.png"), labels=labels,
-                           weights=est.get("weights"),
-                           title=f"K = {mixture.K} ({args.covariance} covariances): MAP assignments")
-    plots.model_selection(curve["K"], {"held-out log-likelihood": curve["heldout_loglik"],
-                                       "training ELBO": curve["elbo"]},
-                          os.path.join(args.out, "select_K.png"), chosen=mixture.K,
-                          title="Choosing the number of components")
+    save_figure(plots.mixture_ellipses(x_cpu, est["locs"], mixture.covariances(est), labels=labels,
+                                       weights=est.get("weights"),
+                                       title=f"K = {mixture.K} ({args.covariance} covariances): MAP assignments"),
+                args.out, "mixture")
+    save_figure(plots.model_selection(curve["K"], {"held-out log-likelihood": curve["heldout_loglik"],
+                                                   "training ELBO": curve["elbo"]},
+                                      chosen=mixture.K, title="Choosing the number of components"),
+                args.out, "select_K")
     metrics["seconds"] = time.perf_counter() - start
     write_metrics(args.out, metrics)
     print_summary(f"Gaussian mixture on {metrics['data']} data: K chosen by held-out likelihood",

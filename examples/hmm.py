@@ -12,7 +12,6 @@ Viterbi paths with their posterior state marginals (forward-backward).
 """
 
 import itertools
-import os
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.models.hmm import HiddenMarkovModel, pad_sequences
 from vi_toolkit import plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 TRUE = {"initial": torch.tensor([0.6, 0.3, 0.1]),
         "transition": torch.tensor([[0.90, 0.05, 0.05], [0.10, 0.80, 0.10], [0.05, 0.15, 0.80]]),
@@ -108,8 +107,9 @@ def main(argv=None):
         metrics["viterbi_state_accuracy"] = state_accuracy(paths, z_test, hmm.K)
         metrics["viterbi_state_accuracy_true_params"] = state_accuracy(
             hmm.viterbi(x_test, lengths_test, truth), z_test, hmm.K)
-    plots.state_sequences(x_test, lengths_test, paths, marginals, os.path.join(args.out, "states.png"),
-                          title=f"Held-out sequences: Viterbi states (colours) and p(z_t | x), K = {hmm.K}")
+    title = f"Held-out sequences: Viterbi states (colours) and p(z_t | x), K = {hmm.K}"
+    save_figure(plots.state_sequences(x_test, lengths_test, paths, marginals, title=title),
+                args.out, "states")
     return finish(args.out, f"HMM ({hmm.emission} emissions) on {metrics['data']} sequences", metrics, start)
 
 

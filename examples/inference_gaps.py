@@ -11,14 +11,12 @@ log p(x) is the IWAE estimate with K importance samples from q*. The script trai
 then reports both gaps averaged over a subset of test images.
 """
 
-import os
-
 from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.evaluation import inference_gaps
-from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, save_figure, script_parser, write_metrics
 
 
 def main(argv=None):
@@ -46,8 +44,9 @@ def main(argv=None):
                **{k: report[k] for k in ("log_px", "elbo_q_star", "elbo_q", "approximation_gap",
                                          "amortization_gap", "inference_gap")}}
     write_metrics(args.out, metrics)
-    plots.inference_gaps(report["points"], os.path.join(args.out, "gaps.png"),
-                         title=f"VAE on {data.name}: inference gaps of {test.shape[0]} test images")
+    save_figure(plots.inference_gaps(report["points"],
+                                     title=f"VAE on {data.name}: inference gaps of {test.shape[0]} test images"),
+                args.out, "gaps")
     print_summary(f"Inference gaps, VAE on {data.name} ({test.shape[0]} test images, nats/image)", {
         f"log p(x) (IWAE, K={args.iwae_samples}, from q*)": report["log_px"],
         "L[q*] (refined per point)": report["elbo_q_star"],

@@ -15,7 +15,6 @@ The paper used MNIST; here Fashion-MNIST (Debian's package) by default, MNIST wi
 ``--dataset mnist --data-root DIR [--download]``, the 8x8 digits with ``--quick``.
 """
 
-import os
 import time
 
 import torch
@@ -24,7 +23,7 @@ from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 def manifold(model, size):
@@ -58,20 +57,21 @@ def main(argv=None):
         metrics[f"nz{nz}_train_elbo"], metrics[f"nz{nz}_test_elbo"] = result.elbo, result.val_elbo
         if nz == 2:  # Fig. 4: the manifold and the test codes
             size = 10 if args.quick else 20
-            plots.image_grid(manifold(model, size), os.path.join(args.out, "manifold_2d.png"), nrow=size,
-                             title="Learned manifold, Nz = 2")
-            plots.latent_scatter(guide.encode(data.test), data.test_labels,
-                                 os.path.join(args.out, "test_codes_2d.png"), class_names=list(data.classes),
-                                 title="Test codes mu(x), Nz = 2")
+            save_figure(plots.image_grid(manifold(model, size), nrow=size, title="Learned manifold, Nz = 2"),
+                        args.out, "manifold_2d")
+            save_figure(plots.latent_scatter(guide.encode(data.test), data.test_labels,
+                                             class_names=list(data.classes), title="Test codes mu(x), Nz = 2"),
+                        args.out, "test_codes_2d")
         if nz in dims:
             history = dict(result.history)
             history["samples seen"] = [s * args.batch_size for s in history["step"]]
             histories[f"Nz={nz}"] = history
             samples.append(model.sample(10, generator=gen))
-    plots.elbo_curves(histories, os.path.join(args.out, "lower_bound_vs_samples.png"), x="samples seen",
-                      title="Train (solid) and test (dashed) lower bound")
-    plots.image_grid(torch.cat(samples), os.path.join(args.out, "samples.png"), nrow=10,
-                     row_labels=[f"Nz={nz}" for nz in dims], title="Random samples (means of p(x | z))")
+    save_figure(plots.elbo_curves(histories, x="samples seen", title="Train (solid) and test (dashed) lower bound"),
+                args.out, "lower_bound_vs_samples")
+    save_figure(plots.image_grid(torch.cat(samples), nrow=10, row_labels=[f"Nz={nz}" for nz in dims],
+                                 title="Random samples (means of p(x | z))"),
+                args.out, "samples")
     return finish(args.out, f"Kingma & Welling analogue on {data.name} ({epochs} epochs)", metrics, start)
 
 

@@ -19,7 +19,6 @@ the two density models (higher: a better model of where codes lie);
 ``gmm_train_code_loglik`` is the mixture's on the training codes.
 """
 
-import os
 import time
 
 import pyro.distributions as dist
@@ -31,7 +30,7 @@ from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 def main(argv=None):
@@ -79,8 +78,9 @@ def main(argv=None):
     for label, (z, model) in samples.items():
         rows.append(model.decode(z))
         labels += [label, ""]
-    plots.image_grid(torch.cat(rows), os.path.join(args.out, "samples.png"), nrow=n // 2,
-                     row_labels=labels, title="Decoded samples from a density on the latent space")
+    save_figure(plots.image_grid(torch.cat(rows), nrow=n // 2, row_labels=labels,
+                                 title="Decoded samples from a density on the latent space"),
+                args.out, "samples")
     metrics["ae_gaussian_test_code_loglik"] = float(gauss.log_prob(test_codes).mean())
     metrics["ae_gmm_test_code_loglik"] = float(mixture.log_likelihood(test_codes, theta).mean())
     metrics["gmm_train_code_loglik"] = float(mixture.log_likelihood(codes, theta).mean())

@@ -21,7 +21,7 @@ from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, save_gif, script_parser
 
 
 def latent_walk(num_frames, latent_dim, step, generator=None):
@@ -56,9 +56,10 @@ def main(argv=None):
                       seed=args.seed, progress=not args.quick)
     z = latent_walk(frames, args.latent_dim, args.step, torch.Generator().manual_seed(args.seed))
     images = model.decode(z.to(data.train.device))
-    gif = plots.animated_gif(images, os.path.join(args.out, "latent_walk.gif"))
-    plots.image_grid(images[:: max(1, frames // 20)][:20], os.path.join(args.out, "latent_walk.png"), nrow=10,
-                     title=f"Random walk in latent space (every {max(1, frames // 20)}th frame)")
+    gif = save_gif(images, args.out, "latent_walk")
+    save_figure(plots.image_grid(images[:: max(1, frames // 20)][:20], nrow=10,
+                                 title=f"Random walk in latent space (every {max(1, frames // 20)}th frame)"),
+                args.out, "latent_walk")
     metrics = {"dataset": data.name, "frames": frames, "gif": os.path.basename(gif),
                "mean_code_step": float((z[1:] - z[:-1]).norm(dim=1).mean()),
                "mean_frame_change": float((images[1:] - images[:-1]).abs().mean()),

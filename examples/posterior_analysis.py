@@ -34,7 +34,7 @@ from vi_toolkit.analysis import to_inference_data
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.diagnostics import psis_khat, simulation_based_calibration
 from vi_toolkit.evaluation import evaluate, inference_gaps
-from vi_toolkit.scripts import parse_args, print_summary, script_parser, write_metrics
+from vi_toolkit.scripts import parse_args, print_summary, save_figure, script_parser, write_metrics
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
         "locs": torch.tensor([[-4.0, 0.0], [3.0, 3.0], [3.0, -3.0]]),
@@ -73,19 +73,20 @@ def mixture_section(args, out, metrics):
         "heldout_iwae_se": held_out["iwae_se"],
         "map_heldout_iwae": map_held_out["iwae"], "map_heldout_exact": map_held_out["exact"],
         "true_params_heldout": float(truth.log_likelihood(x_test, TRUE).mean())}
-    plots.posterior_densities(idata, os.path.join(out, "gmm_posterior.png"), var_names=["locs"],
-                              title=f"GMM, K = {best}: posterior of the component means")
-    plots.posterior_predictive(idata, os.path.join(out, "gmm_ppc.png"),
-                               title=f"GMM, K = {best}: posterior predictive check (both coordinates)")
-    plots.elbo_curves({f"K={K}": r.history for K, r in fits.items()}, os.path.join(out, "gmm_elbo.png"))
-    ax = az.plot_compare(table, show=False)
-    plots.save(ax.get_figure(), os.path.join(out, "gmm_loo_compare.png"))
+    save_figure(plots.posterior_densities(idata, var_names=["locs"],
+                                          title=f"GMM, K = {best}: posterior of the component means"),
+                out, "gmm_posterior")
+    save_figure(plots.posterior_predictive(idata, title=f"GMM, K = {best}: posterior predictive check "
+                                                        "(both coordinates)"),
+                out, "gmm_ppc")
+    save_figure(plots.elbo_curves({f"K={K}": r.history for K, r in fits.items()}), out, "gmm_elbo")
+    save_figure(az.plot_compare(table, show=False).get_figure(), out, "gmm_loo_compare")
     theta = {k: v.cpu() for k, v in guides[best].point_estimate(chosen).items()}
     modal_z = torch.as_tensor(idata.posterior["z"].values[0]).mode(0).values  # most drawn component
-    plots.mixture_ellipses(x, theta["locs"], mixture.covariances(theta),
-                           os.path.join(out, "gmm_components.png"), labels=modal_z,
-                           weights=theta.get("weights"),
-                           title=f"K = {best}: posterior means, points by their most drawn z")
+    save_figure(plots.mixture_ellipses(x, theta["locs"], mixture.covariances(theta), labels=modal_z,
+                                       weights=theta.get("weights"),
+                                       title=f"K = {best}: posterior means, points by their most drawn z"),
+                out, "gmm_components")
 
 
 def calibration_section(args, out, metrics):
@@ -97,8 +98,9 @@ def calibration_section(args, out, metrics):
     metrics["sbc_conjugate"] = {"num_simulations": len(report["ranks"]["mu"]),
                                 "uniformity_pvalue": float(report["uniformity_pvalue"]["mu"][0]),
                                 "symmetry_pvalue": float(report["symmetry_pvalue"]["mu"][0])}
-    plots.sbc_ranks(report["ranks"], report["num_draws"], os.path.join(out, "sbc_conjugate.png"),
-                    title="SBC: Normal mean, mean-field Normal guide")
+    save_figure(plots.sbc_ranks(report["ranks"], report["num_draws"],
+                                title="SBC: Normal mean, mean-field Normal guide"),
+                out, "sbc_conjugate")
 
 
 def vae_section(args, out, metrics):
@@ -129,9 +131,9 @@ def vae_section(args, out, metrics):
         "elbo_q": gaps["elbo_q"], "approximation_gap": gaps["approximation_gap"],
         "amortization_gap": gaps["amortization_gap"],
         "posterior_z_shape": list(idata.posterior["z"].shape)}
-    plots.khat_histogram(khat["khat_points"], os.path.join(out, "vae_khat.png"),
-                         title=f"VAE encoder on {n_test} test images: PSIS k-hat")
-    plots.elbo_curves(result.history, os.path.join(out, "vae_elbo.png"))
+    save_figure(plots.khat_histogram(khat["khat_points"], title=f"VAE encoder on {n_test} test images: PSIS k-hat"),
+                out, "vae_khat")
+    save_figure(plots.elbo_curves(result.history), out, "vae_elbo")
 
 
 def main(argv=None):

@@ -10,7 +10,6 @@ are compared with the closed-form maximum-likelihood solution: the ELBO's gap to
 sigma^2, and the angle between the fitted and the principal subspaces.
 """
 
-import os
 import time
 
 import torch
@@ -19,7 +18,7 @@ from vi_toolkit.guides.ppca import LinearEncoder, PointwiseGuide
 from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit, plots
 from vi_toolkit.io import load_array
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 def load_data(args):
@@ -74,13 +73,13 @@ def main(argv=None):
             f"{label}_subspace_angle_deg": max_angle_deg(p["W"], ml["W"]),
         })
     evecs = torch.linalg.eigh(torch.cov(x.T))[1].flip(1)
-    plots.subspace_comparison(x, evecs[:, :2], PPCA.params(amortized)["W"].cpu(), x.mean(0),
-                              os.path.join(args.out, "subspace.png"),
-                              title="PCA axes and the columns of PPCA's W (amortized guide)")
-    plots.gap_to_bound({"amortized linear encoder": amortized.history,
-                        "per-point mean field": pointwise.history}, L_max,
-                       os.path.join(args.out, "elbo_gap.png"),
-                       title="PPCA: L_max - ELBO per data point")
+    save_figure(plots.subspace_comparison(x, evecs[:, :2], PPCA.params(amortized)["W"].cpu(), x.mean(0),
+                                          title="PCA axes and the columns of PPCA's W (amortized guide)"),
+                args.out, "subspace")
+    save_figure(plots.gap_to_bound({"amortized linear encoder": amortized.history,
+                                    "per-point mean field": pointwise.history}, L_max,
+                                   title="PPCA: L_max - ELBO per data point"),
+                args.out, "elbo_gap")
     return finish(args.out, f"PPCA (q = {args.q}) on {metrics['data']} data: VI against the closed form", metrics, start)
 
 

@@ -13,7 +13,6 @@ estimates it by log q(z | x) - log p(z) at the sampled z. Both are unbiased for 
 objective; the analytic KL removes part of the gradient noise.
 """
 
-import os
 import time
 
 import torch
@@ -22,7 +21,7 @@ from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vi_toolkit import plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 
 def main(argv=None):
@@ -48,11 +47,11 @@ def main(argv=None):
         metrics[f"{elbo}_train_elbo"] = result.elbo
         metrics[f"{elbo}_val_elbo"] = result.val_elbo
         metrics[f"{elbo}_seconds_per_epoch"] = result.history["time"][-1] / epochs
-        plots.image_grid(model.sample(32, generator=torch.Generator().manual_seed(args.seed)),
-                         os.path.join(args.out, f"samples_{elbo}.png"),
-                         title=f"Means of p(x | z), z ~ p(z): {label}")
-    plots.elbo_curves(histories, os.path.join(args.out, "elbo_curves.png"), x="epoch",
-                      title="Gaussian VAE: analytic vs Monte Carlo KL")
+        save_figure(plots.image_grid(model.sample(32, generator=torch.Generator().manual_seed(args.seed)),
+                                     title=f"Means of p(x | z), z ~ p(z): {label}"),
+                    args.out, f"samples_{elbo}")
+    save_figure(plots.elbo_curves(histories, x="epoch", title="Gaussian VAE: analytic vs Monte Carlo KL"),
+                args.out, "elbo_curves")
     return finish(args.out, f"Lecture VAE on {data.name}: analytic vs Monte Carlo KL ({epochs} epochs)", metrics, start)
 
 

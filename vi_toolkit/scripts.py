@@ -3,6 +3,11 @@
 ``--help``, ``--quick`` (a run of seconds, used by the demo and the smoke tests),
 ``--out DIR`` (figures as PNG and a ``metrics.json``), ``--device`` and ``--seed``;
 each script prints a short summary at the end.
+
+A script draws its figures with :mod:`vi_toolkit.plots` and writes them with
+:func:`save_figure`. Building the script's parser (:func:`script_parser`) selects
+matplotlib's Agg backend: a script writes files and opens no window. Importing this module
+(or ``vi_toolkit.plots``) leaves the backend alone, so notebooks keep their inline plots.
 """
 
 import argparse
@@ -11,13 +16,18 @@ import os
 import time
 
 import matplotlib
-
-matplotlib.use("Agg")  # scripts write PNG files; no display needed
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.figure import Figure
 
 
 def script_parser(description, default_out):
-    """An ``ArgumentParser`` with the shared options; add the script's own to it."""
+    """An ``ArgumentParser`` with the shared options; add the script's own to it.
+
+    Also selects matplotlib's Agg backend for the script's process (the one place the
+    toolkit chooses a backend): a script saves its figures as PNG and shows none.
+    """
+    matplotlib.use("Agg")
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a run of seconds (smoke test, demo)")
@@ -25,6 +35,69 @@ def script_parser(description, default_out):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     return parser
+
+
+def _file_in(out: str | os.PathLike, name: str, suffix: str) -> str:
+    """``out/name + suffix``, creating ``out``; ``name`` is a bare file stem."""
+    if not name or os.path.basename(name) != name or os.path.splitext(name)[1]:
+        raise ValueError(f"name must be a file name without folder or extension, got {name!r}")
+    os.makedirs(out, exist_ok=True)
+    return os.path.join(out, name + suffix)
+
+
+def save_figure(fig: Figure, out: str | os.PathLike, name: str) -> str:
+    """Write ``fig`` as ``out/name.png`` (creating ``out``) and close it.
+
+    Args:
+        fig: the figure, as returned by the functions of :mod:`vi_toolkit.plots`.
+        out: the script's output folder (``--out``).
+        name: the file's stem, without folder or extension (``"elbo"`` gives ``elbo.png``).
+
+    Returns:
+        The path of the PNG file.
+
+    Raises:
+        ValueError: ``fig`` is not a matplotlib Figure, or ``name`` holds a folder or an
+            extension.
+    """
+    if not isinstance(fig, Figure):
+        raise ValueError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
+    path = _file_in(out, name, ".png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def save_gif(frames, out: str | os.PathLike, name: str, *, duration_ms: int = 80, scale: int = 4) -> str:
+    """Write images as a looping animated GIF ``out/name.gif``, each pixel ``scale``-fold.
+
+    Args:
+        frames: (T, H, W) or (T, 1, H, W) grey images with values in [0, 1].
+        out: the script's output folder (``--out``).
+        name: the file's stem, without folder or extension.
+        duration_ms: how long each frame shows.
+        scale: the enlargement of each pixel.
+
+    Returns:
+        The path of the GIF file.
+
+    Raises:
+        ValueError: ``frames`` is not a sequence of grey images, or ``name`` holds a folder
+            or an extension.
+    """
+    from PIL import Image
+
+    frames = torch.as_tensor(frames).detach().float().cpu()
+    if frames.dim() == 4 and frames.shape[1] == 1:
+        frames = frames[:, 0]
+    if frames.dim() != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (T, H, W) or (T, 1, H, W) with T >= 1, got {tuple(frames.shape)}")
+    path = _file_in(out, name, ".gif")
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+              for f in pixels]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    return path
 
 
 def write_metrics(out, metrics):
