@@ -39,6 +39,7 @@ from .elbo import make_elbo
 from .linear import linear_backend, resolve_backend
 from .loop import Loop, device_context
 from .optim import is_lbfgs
+from .compiled import CompiledStep, compile_plan
 from .step import EagerStep
 from .strategy import make_strategy
 from .traces import accepts_keyword, modules_of, positive_int
@@ -132,7 +133,7 @@ def check_sites(model_trace, guide_trace):
 def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", lr=None,
         lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, val_data=None, patience=None,
         tol_rel_obj=None, callbacks=(), transform=None, device="auto", seed=None, progress=True,
-        checkpoint=None, resume=False, options=None):
+        checkpoint=None, resume=False, compile="auto", options=None):
     """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
 
     Args:
@@ -175,6 +176,11 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         checkpoint: path of a checkpoint written each epoch and at the end
             (:class:`~vi_toolkit.callbacks.Checkpoint`).
         resume: ``True`` resumes from ``checkpoint`` if it exists, or a path to resume from.
+        compile: ``"auto"``, ``True`` or ``False``: trace the training step once into a graph,
+            compile it and replay it at every step (:mod:`vi_toolkit.compiled`; ``"auto"``
+            compiles long fits only and falls back to the eager step with a warning when the
+            step cannot be compiled, ``True`` raises instead). ``config["compile"]`` reports
+            whether it was used, why not, and the seconds spent compiling.
         options: the rarely changed settings, a :class:`FitOptions` or a dict.
 
     Returns:
@@ -241,6 +247,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
                              f">= {strategy.world} (and drop_last=True if the last batch of an epoch "
                              "is smaller)")
     user_callbacks = as_callbacks(callbacks)
+    compiled, not_compiled = compile_plan(compile, total_steps=total, validate=opts.validate,
+                                          callbacks=user_callbacks)
     for cb in user_callbacks:
         model, guide = cb.wrap(model, guide)
     pass_num_data = accepts_keyword(model, "num_data")
@@ -286,6 +294,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         "vectorize_particles": opts.vectorize_particles, "validate": opts.validate,
         "data_fingerprint": fit_data.fingerprint(),
         "watch": ["elbo"] + (["val_elbo"] if val is not None else []),
+        "compile": {"requested": compile, "used": False, "reason": not_compiled, "seconds": 0.0, "graphs": 0},
     }
     if strategy.world > 1:
         config["world_size"] = strategy.world
@@ -320,10 +329,12 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
                          else make_elbo(elbo))
             config["elbo_class"] = type(objective).__name__
             loop.elbo = objective
-            loop.step_fn = EagerStep(model, guide, objective, optimizer=optimizer, lr=lr,
-                                     optimizer_args=opts.optimizer_args, lr_schedule=lr_schedule,
-                                     total_steps=total, clip_norm=opts.clip_norm,
-                                     validate=opts.validate, strategy=strategy)
+            step_args = dict(optimizer=optimizer, lr=lr, optimizer_args=opts.optimizer_args,
+                             lr_schedule=lr_schedule, total_steps=total, clip_norm=opts.clip_norm,
+                             validate=opts.validate, strategy=strategy)
+            loop.step_fn = (CompiledStep(model, guide, objective, required=compile is True,
+                                         report=config["compile"], **step_args) if compiled
+                            else EagerStep(model, guide, objective, **step_args))
             return loop.run(resume or None)
     finally:
         store.clear()

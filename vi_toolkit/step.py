@@ -10,7 +10,8 @@ with the gradient clipped to a global norm if asked, reduced across processes in
 data-parallel fit (:mod:`vi_toolkit.strategy`), and the learning rate scheduled per step.
 
 :class:`EagerStep` runs the model and guide through Pyro's effect handlers at every step (as
-Pyro's ``SVI.step``); it is the seam where a compiled step plugs in. A step is a small state
+Pyro's ``SVI.step``); :class:`vi_toolkit.compiled.CompiledStep` replaces its
+:meth:`~EagerStep.gradients` by a compiled graph. A step is a small state
 object: :meth:`~EagerStep.init` traces once (creating lazily built parameters) and builds the
 optimizer, :meth:`~EagerStep.update` runs one step and returns its loss on the device,
 unread (the loop reads losses back once an interval), and
@@ -60,17 +61,22 @@ class EagerStep:
         """The differentiable loss -ELBO estimate of one batch."""
         return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
+    def gradients(self, args, kwargs):
+        """The batch's loss, with the gradient of every parameter put in its ``.grad``."""
+        validate = self.validate is True or (self.validate == "first" and not self.validated)
+        with pyro.validation_enabled(validate):
+            loss = self.loss(args, kwargs)
+        self.validated = True
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
     def update(self, args, kwargs, share=1.0):
         """One optimizer step on the batch; the loss (times ``share``), detached, unread."""
         params = list(self.params.values())
 
         def closure():  # L-BFGS evaluates it several times per step, the others once
-            validate = self.validate is True or (self.validate == "first" and not self.validated)
-            with pyro.validation_enabled(validate):
-                loss = self.loss(args, kwargs)
-            self.validated = True
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self.gradients(args, kwargs)
             self.strategy.reduce_gradients(params, share)
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.clip_norm)

@@ -1,0 +1,385 @@
+"""Compiled SVI steps (vi_toolkit.compiled): the eager step's losses and gradients, unbiased,
+reproducible, guarded, and the same fits.
+
+A compile costs seconds (Inductor's C++ compiler; its cache on disk makes a repeat cheaper),
+so the default run compiles a few small graphs and the longer checks are marked slow. No
+timing is asserted: speed is the benchmarks' to report.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+from torch.distributions import constraints
+
+from vi_toolkit import Callback, DivergenceError, FitError, data_plate, fit, load_checkpoint, make_elbo
+from vi_toolkit import compiled
+from vi_toolkit.compiled import StepGraph, compile_plan
+from vi_toolkit.guides import conjugate as conjugate_guide
+from vi_toolkit.guides.gmm import MAPGuide
+from vi_toolkit.models import conjugate
+from vi_toolkit.models.gmm import GaussianMixture
+from vi_toolkit.traces import fit_parameters, trace_pair
+
+EAGER_RANDOM = {"fallback_random": True}  # Inductor draws with torch's eager random operations
+
+
+@pytest.fixture(scope="module")
+def x():
+    return 3.0 + torch.randn(100, generator=torch.Generator().manual_seed(0))
+
+
+def hierarchical_model(x, num_data=None):
+    """mu ~ N(0, 0.5^2); z_i ~ N(mu, 1); x_i ~ N(z_i, 1): one global and N local latents."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 0.5))
+    with data_plate(x, num_data):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def hierarchical_guide(x, num_data=None):
+    m = pyro.param("m", torch.tensor(0.5))
+    s = pyro.param("s", torch.tensor(0.7), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(m, s))
+    a = pyro.param("a", torch.tensor(0.3))
+    b = pyro.param("b", torch.tensor(0.8), constraint=constraints.positive)
+    with data_plate(x, num_data):
+        pyro.sample("z", dist.Normal(a * x, b))
+
+
+def graph_of(elbo, model, guide, args, kwargs, **options):
+    """``(params, StepGraph)`` of ``elbo`` on a fresh parameter store (the guide run once first)."""
+    pyro.clear_param_store()
+    with torch.no_grad():
+        trace_pair(model, guide, args, kwargs)
+    params = fit_parameters(model, guide)
+    return params, StepGraph(lambda a, k: elbo.differentiable_loss(model, guide, *a, **k), params, args,
+                             kwargs, **options)
+
+
+def eager_loss_and_grads(elbo, model, guide, params, args, kwargs):
+    loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+    return loss.detach(), torch.autograd.grad(loss, list(params.values()))
+
+
+def assert_float32_close(actual, expected):
+    scale = expected.abs().max().clamp(min=1.0)
+    assert (actual - expected).abs().max() <= 1e-5 * scale * max(expected.numel(), 16) ** 0.5, (actual, expected)
+
+
+# -- equal to the eager step ----------------------------------------------------------------
+
+def test_compiled_loss_and_gradients_equal_the_eager_ones_on_a_map_mixture():
+    """A deterministic objective (MAP mixture, assignments enumerated): float32 rounding apart,
+    at every parameter value and on every batch, so the graph reads its inputs, not constants."""
+    mixture = GaussianMixture(3, 2, "full")
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]])
+    batches = [centres[torch.randint(3, (300,), generator=gen)] + torch.randn(300, 2, generator=gen)
+               for _ in range(2)]
+    guide = MAPGuide(mixture)
+    elbo = make_elbo("enum", max_plate_nesting=1)
+    params, graph = graph_of(elbo, mixture.model, guide, (batches[0],), {"num_data": 1000})
+    losses = []
+    for batch in batches:
+        for _ in range(2):
+            args, kwargs = (batch,), {"num_data": 1000}
+            loss, grads = graph(args, kwargs)
+            expected_loss, expected_grads = eager_loss_and_grads(elbo, mixture.model, guide, params, args, kwargs)
+            assert_float32_close(loss, expected_loss)
+            assert len(grads) == len(expected_grads) == len(params)
+            for g, e in zip(grads, expected_grads):
+                assert_float32_close(g, e)
+            losses.append(float(loss))
+            with torch.no_grad():  # a step: the next replay must see the new values
+                for p in params.values():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    # the check has power: a graph holding the first parameters or batch as constants would
+    # have repeated the first loss
+    assert len(set(losses)) == len(losses)
+
+
+def test_compiled_stochastic_loss_equals_the_eager_one_at_the_same_draws():
+    """With torch's eager random operations the compiled graph draws the eager step's numbers
+    (4 vectorized particles, a minibatch of a global and a local latent)."""
+    x = torch.randn(20)
+    elbo = make_elbo("trace", num_particles=4, max_plate_nesting=1)
+    args, kwargs = (x,), {"num_data": 100}
+    params, graph = graph_of(elbo, hierarchical_model, hierarchical_guide, args, kwargs, options=EAGER_RANDOM)
+    for seed in (0, 1):
+        pyro.set_rng_seed(seed)
+        loss, grads = graph(args, kwargs)
+        pyro.set_rng_seed(seed)
+        expected_loss, expected_grads = eager_loss_and_grads(elbo, hierarchical_model, hierarchical_guide,
+                                                             params, args, kwargs)
+        assert_float32_close(loss, expected_loss)
+        for g, e in zip(grads, expected_grads):
+            assert_float32_close(g, e)
+    pyro.set_rng_seed(0)
+    first = graph(args, kwargs)[0]
+    assert graph(args, kwargs)[0] != first  # every replay draws afresh
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["meanfield", "iwae"])
+def test_compiled_meanfield_and_iwae_losses_equal_the_eager_ones_at_the_same_draws(name):
+    x = torch.randn(20)
+    elbo = make_elbo(name, num_particles=4, max_plate_nesting=1)
+    args, kwargs = (x,), {"num_data": 100}
+    params, graph = graph_of(elbo, hierarchical_model, hierarchical_guide, args, kwargs, options=EAGER_RANDOM)
+    pyro.set_rng_seed(3)
+    loss, grads = graph(args, kwargs)
+    pyro.set_rng_seed(3)
+    expected_loss, expected_grads = eager_loss_and_grads(elbo, hierarchical_model, hierarchical_guide,
+                                                         params, args, kwargs)
+    assert_float32_close(loss, expected_loss)
+    for g, e in zip(grads, expected_grads):
+        assert_float32_close(g, e)
+
+
+@pytest.mark.slow
+def test_compiled_gradient_is_unbiased_and_the_globally_scaled_estimator_is_not(x):
+    """Inductor's own random stream: the mean of R compiled minibatch gradients equals the
+    full-data gradient (eager, 4000 particles) within Monte Carlo error; the estimator that
+    scales the global terms by N/B too (test_fit's negative control) fails the same check."""
+    x = torch.cat([x, x])  # N = 200
+    N, B, R = x.shape[0], 10, 3000
+    pyro.set_rng_seed(0)
+    full_args = (x,), {"num_data": N}
+    params, _ = graph_of(make_elbo("trace"), hierarchical_model, hierarchical_guide, *full_args)
+    full_elbo = make_elbo("trace", num_particles=4000, max_plate_nesting=1)
+    full = torch.stack(eager_loss_and_grads(full_elbo, hierarchical_model, hierarchical_guide, params,
+                                            *full_args)[1])
+
+    def scaled_everywhere(x, num_data=None):
+        with pyro.poutine.scale(scale=num_data / x.shape[0]):
+            hierarchical_model(x, None)
+
+    def scaled_guide(x, num_data=None):
+        with pyro.poutine.scale(scale=num_data / x.shape[0]):
+            hierarchical_guide(x, None)
+
+    one = make_elbo("trace", max_plate_nesting=1)
+    for model, guide, unbiased in ((hierarchical_model, hierarchical_guide, True),
+                                   (scaled_everywhere, scaled_guide, False)):
+        _, graph = graph_of(one, model, guide, (x[:B],), {"num_data": N})
+        grads = torch.stack([torch.stack(graph((x[torch.randperm(N)[:B]],), {"num_data": N})[1])
+                             for _ in range(R)])
+        se = grads.std(0) / R ** 0.5
+        if unbiased:
+            assert ((grads.mean(0) - full).abs() < 4 * se + 0.02 * full.abs()).all(), (grads.mean(0), full, se)
+        else:
+            assert ((grads.mean(0) - full).abs() > 6 * se).any()
+
+
+# -- the plan and the guards ---------------------------------------------------------------
+
+class Wrapping(Callback):
+    def wrap(self, model, guide):
+        return model, guide
+
+
+def test_compile_plan_compiles_long_fits_only_and_refuses_what_a_graph_cannot_follow():
+    assert compile_plan("auto", total_steps=compiled.AUTO_MIN_STEPS, validate="first", callbacks=[]) == (True, None)
+    short, reason = compile_plan("auto", total_steps=200, validate="first", callbacks=[])
+    assert not short and str(compiled.AUTO_MIN_STEPS) in reason
+    assert compile_plan(True, total_steps=5, validate="first", callbacks=[]) == (True, None)
+    assert compile_plan(False, total_steps=10 ** 9, validate="first", callbacks=[])[0] is False
+    with pytest.raises(ValueError, match="compile=True: validate=True"):
+        compile_plan(True, total_steps=5, validate=True, callbacks=[])
+    with pytest.raises(ValueError, match="compile=True: callback Wrapping wraps the model"):
+        compile_plan(True, total_steps=5, validate="first", callbacks=[Wrapping()])
+    with pytest.warns(UserWarning, match="running the eager step: callback Wrapping"):
+        assert not compile_plan("auto", total_steps=10 ** 6, validate="first", callbacks=[Wrapping()])[0]
+    for bad in ("yes", 1.0, None):
+        with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
+            compile_plan(bad, total_steps=5, validate="first", callbacks=[])
+
+
+def test_a_short_auto_fit_runs_eagerly_and_says_why(x):
+    result = fit(conjugate.model, conjugate_guide.guide, x, num_steps=20, progress=False, seed=0)
+    report = result.config["compile"]
+    assert report["requested"] == "auto" and report["used"] is False and report["graphs"] == 0
+    assert "20 steps" in report["reason"]
+    with pytest.raises(ValueError, match="compile must be"):
+        fit(conjugate.model, conjugate_guide.guide, x, num_steps=20, progress=False, compile="always")
+
+
+def branching_model(x, num_data=None):
+    """Data-dependent control flow: which likelihood depends on a value of the batch."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with data_plate(x, num_data):
+        if x.mean() > 0:
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+        else:
+            pyro.sample("x", dist.Cauchy(mu, 1.0), obs=x)
+
+
+def growing_guide(x, num_data=None):
+    """Creates a new parameter at every call: no fixed number of parameters."""
+    store = pyro.get_param_store()
+    extra = pyro.param(f"extra_{len(store)}", torch.tensor(0.0))
+    pyro.sample("mu", dist.Normal(pyro.param("mu_loc", torch.tensor(0.0)) + extra, 1.0))
+
+
+class NormedGuide(nn.Module):
+    """q(mu) = N(mean of batch-normed x, 1): batch norm updates its statistics in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(1)
+
+    def forward(self, x, num_data=None):
+        pyro.module("guide", self)
+        pyro.sample("mu", dist.Normal(self.norm(x.unsqueeze(-1)).mean(), 1.0))
+
+
+@pytest.mark.parametrize("model, make_guide, why", [
+    (branching_model, lambda: conjugate_guide.guide, "tracing the step failed"),
+    (conjugate.model, lambda: growing_guide, "creates or replaces parameters"),
+    (conjugate.model, NormedGuide, "changes state other than its parameters"),
+], ids=["data-dependent control flow", "a parameter created in the step", "batch-norm statistics"])
+def test_a_step_without_fixed_structure_falls_back_with_one_warning_or_raises(x, monkeypatch, model, make_guide,
+                                                                               why):
+    """These are caught while tracing, before anything is compiled; "auto" then runs the eager
+    step from the first step on, so the fit equals a fit with compile=False."""
+    settings = dict(num_steps=30, lr=0.05, progress=False, seed=3)
+    with pytest.raises(FitError, match=f"CompileError: compile=True: .*{why}"):
+        fit(model, make_guide(), x, compile=True, **settings)
+    monkeypatch.setattr(compiled, "AUTO_MIN_STEPS", 10)
+    torch.manual_seed(0)  # a module guide's initial weights
+    with pytest.warns(UserWarning, match=f"compile='auto': running the eager step: .*{why}") as caught:
+        fallen = fit(model, make_guide(), x, **settings)
+    assert sum("compile='auto'" in str(w.message) for w in caught) == 1
+    assert fallen.config["compile"]["used"] is False and why in fallen.config["compile"]["reason"]
+    torch.manual_seed(0)
+    eager = fit(model, make_guide(), x, compile=False, **settings)
+    assert fallen.history["loss"] == eager.history["loss"]
+
+
+def test_seeded_compiled_fits_are_bit_identical_and_a_site_added_between_epochs_is_caught(x):
+    """One small graph, compiled twice (the second time from Inductor's cache): the same seed
+    gives the same fit; a model that grows a site at an epoch's end stops a compile=True fit."""
+    settings = dict(lr=0.1, lr_schedule="cosine", batch_size=25, num_epochs=100, num_particles=2,
+                    progress=False, seed=5, compile=True)
+    a, b = (fit(conjugate.model, conjugate_guide.guide, x, **settings) for _ in range(2))
+    assert a.config["compile"]["used"] and a.config["compile"]["graphs"] == 1
+    assert a.config["compile"]["seconds"] > 0
+    assert a.history["loss"] == b.history["loss"]
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    mean, sd = conjugate.posterior(x)
+    assert abs(float(a.params["mu_loc"]) - float(mean)) < 0.5 * float(sd)
+
+    extra = {"on": False}
+
+    def growing_model(x, num_data=None):
+        conjugate.model(x, num_data)
+        if extra["on"]:
+            pyro.sample("nuisance", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    def switch(event):
+        extra["on"] = True
+
+    with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'"):
+        fit(growing_model, conjugate_guide.guide, x, callbacks=[switch], **settings)
+
+
+# -- the same fits -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_minibatch_fit_with_a_smaller_last_batch_compiles_two_specializations():
+    x = 3.0 + torch.randn(110, generator=torch.Generator().manual_seed(0))
+    result = fit(conjugate.model, conjugate_guide.guide, x, lr=0.05, batch_size=25, num_epochs=40,
+                 num_particles=4, progress=False, seed=0, compile=True)
+    assert result.config["compile"]["graphs"] == 2 and result.config["compile"]["used"]
+    mean, sd = conjugate.posterior(x)
+    assert abs(float(result.params["mu_loc"]) - float(mean)) < 0.05
+    assert abs(float(result.params["mu_scale"]) / float(sd) - 1) < 0.3
+
+
+@pytest.mark.slow
+def test_a_resumed_compiled_fit_ends_where_an_uninterrupted_one_ends(tmp_path, x):
+    path = tmp_path / "fit.pt"
+    settings = dict(lr=0.05, batch_size=25, num_particles=2, lr_schedule="cosine", progress=False,
+                    seed=11, val_data=x[:30], num_epochs=4, compile=True)
+    unbroken = fit(conjugate.model, conjugate_guide.guide, x, **settings)
+    fit(conjugate.model, conjugate_guide.guide, x, checkpoint=path, callbacks=[lambda e: e.epoch == 2], **settings)
+    assert load_checkpoint(path)["progress"]["epoch"] == 2
+    resumed = fit(conjugate.model, conjugate_guide.guide, x, checkpoint=path, resume=True, **settings)
+    for key in unbroken.history.keys() - {"time"}:
+        assert resumed.history[key] == unbroken.history[key], key
+    assert all(torch.equal(resumed.params[k], unbroken.params[k]) for k in unbroken.params)
+
+
+@pytest.mark.slow
+def test_a_compiled_fit_that_diverges_names_the_step_and_the_site(x):
+    def model(x, num_data=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with data_plate(x, num_data):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x, num_data=None):
+        scale = pyro.param("scale", torch.tensor(1.0))  # unconstrained: can go negative
+        pyro.sample("mu", dist.Normal(pyro.param("loc", torch.tensor(0.0)), scale))
+
+    with pytest.raises(DivergenceError) as caught:
+        fit(model, guide, x, lr=0.5, num_steps=300, progress=False, seed=0, compile=True,
+            options={"log_every": 10})
+    err = caught.value
+    assert err.step > 1 and err.site is not None
+    assert err.result.history["step"][-1] < err.step
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_vaes_reach_the_same_test_elbo_within_seed_noise():
+    from vi_toolkit.datasets import load_images
+    from vi_toolkit.guides.vae import GaussianEncoder
+    from vi_toolkit.models.vae import DeepLatentGaussian
+
+    data = load_images("digits", binarize="static")
+    test_elbo = {}
+    for compile_ in (False, True):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            model = DeepLatentGaussian(data.shape, 8, hidden=(64,))
+            guide = GaussianEncoder(data.shape, 8, hidden=(64,))
+            result = fit(model, guide, data.train, elbo="trace", batch_size=100, num_epochs=15, lr=3e-3,
+                         seed=seed, progress=False, compile=compile_)
+            assert result.config["compile"]["used"] is compile_
+            test_elbo[compile_, seed] = result.evaluate(data.test, num_samples=20)["elbo"]
+    eager = torch.tensor([test_elbo[False, s] for s in range(3)])
+    comp = torch.tensor([test_elbo[True, s] for s in range(3)])
+    noise = eager.std()  # the spread between seeds of one implementation
+    assert abs(float(comp.mean() - eager.mean())) < max(3 * float(noise), 1.0), (comp, eager)
+
+
+@pytest.mark.gpu
+def test_a_compiled_step_on_cuda_equals_the_eager_step_and_keeps_everything_on_the_gpu():
+    """The CUDA graph path: a deterministic objective equal to the eager one on the GPU, and
+    a compiled fit whose data and parameters stay there, reaching the eager fit's ELBO."""
+    mixture = GaussianMixture(3, 2, "diag")
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(0)).cuda()
+    x[:200] += 3.0
+    guide = MAPGuide(mixture)
+    elbo = make_elbo("enum", max_plate_nesting=1)
+    with torch.device("cuda"):
+        params, graph = graph_of(elbo, mixture.model, guide, (x,), {"num_data": 500})
+        for _ in range(3):
+            loss, grads = graph((x,), {"num_data": 500})
+            expected_loss, expected_grads = eager_loss_and_grads(elbo, mixture.model, guide, params, (x,),
+                                                                 {"num_data": 500})
+            assert loss.device.type == "cuda"
+            assert_float32_close(loss, expected_loss)
+            for g, e in zip(grads, expected_grads):
+                assert_float32_close(g, e)
+            with torch.no_grad():
+                for p in params.values():
+                    p.add_(0.05 * torch.randn_like(p))
+    data = 3.0 + torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    fits = {c: fit(conjugate.model, conjugate_guide.guide, data, lr=0.05, batch_size=100, num_epochs=30,
+                   num_particles=4, device="cuda", progress=False, seed=0, compile=c) for c in (False, True)}
+    assert fits[True].config["compile"]["used"] and fits[True].device.type == "cuda"
+    assert math.isclose(fits[True].elbo, fits[False].elbo, abs_tol=0.05)

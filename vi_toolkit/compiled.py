@@ -1,0 +1,465 @@
+"""Compiled SVI: one training step traced once into a graph of tensor operations, compiled, replayed.
+
+For a batch B and the fit's unconstrained parameters u (the values behind ``pyro.param``
+and the weights of the ``nn.Module``\\ s), one step of :mod:`vi_toolkit.step` computes
+
+    L(u; B, eps) = -ELBO_B(u) estimated at the draws eps,       g = dL/du,
+
+then moves u by the optimizer's rule. Eagerly, Pyro's effect handlers build this anew at
+every step, in Python, site by site, each elementwise operation a pass over memory. When
+the model and the guide have a fixed structure (the same sites with the same shapes at
+every step) the operations that produce (L, g) depend on the shapes of u and B only, not
+on their values; so :class:`StepGraph` records them once (``torch.fx``'s ``make_fx``: the
+forward pass, and the backward pass that ``torch.autograd.grad`` runs, as one graph
+(u, B) -> (L, g)), compiles that graph with TorchInductor (fused, vectorised C++ loops on
+the CPU; Triton kernels on CUDA, replayed as a CUDA graph) and replays it at every step.
+The graph's random operations read torch's generator at each replay, so every step draws
+fresh eps and the estimator is the eager one, not one frozen draw (its random stream is
+Inductor's own, so a compiled fit and an eager fit of one seed draw different numbers; a
+compiled fit is reproducible from its seed, resumes exactly and replays a divergence
+exactly). The optimizer applies g as in the eager step (Adam's fused kernel), so gradient
+reduction across processes, clipping, schedules and checkpoints are those of
+:class:`~vi_toolkit.step.EagerStep`. The parameters enter the graph as inputs, never as
+constants read from global state: while tracing, every torch call that is handed one of
+them (by the parameter store, a module attribute or a closure) receives the graph's input
+instead. Linear layers keep the fit's route (:mod:`vi_toolkit.linear`): oneDNN's products
+inside the compiled graph where the eager fit would use them.
+
+While tracing, Pyro's host syncs inside the loss (``torch_item``, ``warn_if_nan``) are
+replaced by their traceable equivalents (a detach, nothing), distribution validation is off
+and torch's random state is restored afterwards, so that compiling draws no random numbers.
+
+Guards. :class:`CompiledStep` falls back to the eager step, with one warning that says
+why (``compile="auto"``), or raises :class:`CompileError` (``compile=True``) when
+
+* the model or guide reads a tensor's value in Python (data-dependent control flow, a
+  ``.item()``, a check), creates a parameter inside the step, or changes state other than
+  its parameters (e.g. batch-norm statistics): tracing sees it;
+* compilation fails;
+* the batch's shapes change a third time (the full batch and the last, smaller batch of an
+  epoch are two specializations, compiled once each);
+* at the first step of an epoch the sites (names, shapes, distributions, scales, plates) of
+  a guide and model trace differ from those the graph was traced with (a change made by a
+  callback between epochs, say).
+
+Python numbers that a model reads are constants of the graph: a model that changes them
+between steps (other than through site scales, which the check above sees at epoch
+boundaries) must run eagerly (``compile=False``). :func:`compile_plan` refuses what is known
+before the fit: ``validate=True`` (a graph cannot check every step's distributions) and
+callbacks that wrap the model or guide (:meth:`~vi_toolkit.callbacks.Callback.wrap`, e.g.
+KL annealing, whose weight changes at every step).
+
+The ``"auto"`` rule. Compiling costs seconds (tracing, then Inductor's C++ compiler on a cold
+cache; Inductor's cache on disk lets a second process reuse the compiled code), and saves a
+few milliseconds a step, so ``"auto"`` compiles when a fit has at least
+:data:`AUTO_MIN_STEPS` steps (measured in ``benchmarks/small_models.py`` and
+``benchmarks/RESULTS.md``: the steps at which a cold compile has paid for itself on the
+benchmarks' models). The rule reads the fit's settings only, never timings or the state of
+the cache, so a seeded fit takes the same path in every run; a ``--quick`` run never waits
+on a compiler.
+
+References: J. Ansel et al., "PyTorch 2: faster machine learning through dynamic Python
+bytecode transformation and graph compilation", ASPLOS 2024 (TorchDynamo, AOTAutograd,
+TorchInductor); ``torch.fx.experimental.proxy_tensor.make_fx``.
+"""
+
+import contextlib
+import sys
+import time
+import warnings
+
+import pyro
+import pyro.infer.util
+import pyro.util
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+
+from .callbacks import Callback
+from .step import EagerStep, map_tensors
+from .traces import describe_tensors, trace_pair
+
+AUTO_MIN_STEPS = 20_000
+MAX_SPECIALIZATIONS = 2  # the full batch and the last, smaller batch of an epoch
+
+
+class CompileError(RuntimeError):
+    """``compile=True`` and the step cannot be compiled; the message says why."""
+
+
+class NotCompilable(Exception):
+    """Why a step cannot be (or can no longer be) replayed from its compiled graph."""
+
+
+def compile_plan(compile, *, total_steps: int, validate, callbacks) -> "tuple[bool, str | None]":
+    """Whether a fit compiles its step, and why not.
+
+    Args:
+        compile: ``"auto"``, ``True`` or ``False`` (``fit``'s argument).
+        total_steps: the fit's optimisation steps.
+        validate: ``FitOptions.validate``.
+        callbacks: the fit's :class:`~vi_toolkit.callbacks.Callback` objects.
+
+    Returns:
+        ``(compile, reason)``: ``reason`` says why not when ``compile`` is false.
+
+    Raises:
+        ValueError: ``compile`` is none of the three, or ``compile=True`` and the fit has a
+            setting a compiled step cannot follow (the message names it).
+    """
+    if not (compile is True or compile is False or compile == "auto"):  # 1 == True: not a choice
+        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+    if compile is False:
+        return False, "compile=False"
+    blocker = None
+    if validate is True:
+        blocker = ("validate=True checks the distributions of every step, which a compiled graph "
+                   "cannot; use validate='first'")
+    for cb in callbacks:
+        if type(cb).wrap is not Callback.wrap:
+            blocker = (f"callback {type(cb).__name__} wraps the model or guide and may change it "
+                       "at every step, which a compiled graph would not see")
+    if compile is True:
+        if blocker:
+            raise ValueError(f"compile=True: {blocker}")
+        return True, None
+    if total_steps < AUTO_MIN_STEPS:
+        return False, f"{total_steps} steps: compile='auto' compiles fits of {AUTO_MIN_STEPS} steps or more"
+    if blocker:
+        warnings.warn(f"compile='auto': running the eager step: {blocker}", stacklevel=3)
+        return False, blocker
+    return True, None
+
+
+class _Substitute(TorchFunctionMode):
+    """Inside, every torch call handed a tensor of ``values`` (by ``id``) receives its stand-in."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def swap(t):
+            return self.values.get(id(t), t)
+
+        return func(*map_tensors(swap, args), **map_tensors(swap, kwargs or {}))
+
+
+class _UnmaskedDice(TorchFunctionMode):
+    """Pyro's Dice estimator (enumerated sites) asks ``mask.all()`` whether any enumerated
+    probability is exactly 0, to drop those 0 * cost terms; traced, it is told no and takes the
+    plain sum, the same value and gradient wherever the costs are finite."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__bool__ and sys._getframe(1).f_code is pyro.infer.util.Dice.compute_expectation.__code__:
+            return True
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _traceable_pyro():
+    """Pyro's host syncs inside a loss replaced by traceable equivalents (see the module)."""
+    def item(x):
+        return x.detach() if torch.is_tensor(x) else x
+
+    def no_check(value, msg="", **kwargs):
+        return value
+
+    replacements = (("torch_item", pyro.infer.util.torch_item, item),
+                    ("warn_if_nan", pyro.util.warn_if_nan, no_check))
+    patched = []
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("pyro."):
+            for name, original, stand_in in replacements:
+                if getattr(module, name, None) is original:
+                    setattr(module, name, stand_in)
+                    patched.append((module, name, original))
+    try:
+        yield
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _fixed_parameters():
+    """Parameters that the code inside creates are removed again (a traced value is no real
+    one), and creating or replacing any is :class:`NotCompilable`."""
+    store = pyro.get_param_store()
+    before = dict(store.named_parameters())
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        after = dict(store.named_parameters())
+        for name in after.keys() - before.keys():
+            del store[name]
+        if not failed and (after.keys() != before.keys() or any(after[k] is not before[k] for k in before)):
+            raise NotCompilable(f"the step creates or replaces parameters "
+                                f"({sorted(after.keys() ^ before.keys()) or 'replaced values'}): their "
+                                "number is not fixed before the first step")
+
+
+def _mutated_state(gm):
+    """The first graph input or constant that the graph writes to in place, or ``None``."""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, argument in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, torch.fx.Node) and value.op in ("placeholder", "get_attr"):
+                return f"{node.target} writes to {value.op} {value.target}"
+    return None
+
+
+def split_inputs(args, kwargs):
+    """``(tensors, key, rebuild)``: the tensors of a call's ``(args, kwargs)``, a hashable key of
+    their shapes and of the other arguments, and ``rebuild(tensors) -> (args, kwargs)``."""
+    slots = [("arg", i, a) for i, a in enumerate(args)] + [("kw", k, v) for k, v in kwargs.items()]
+    tensors = [v for _, _, v in slots if torch.is_tensor(v)]
+    key = tuple((kind, name, (tuple(v.shape), v.dtype, v.device.type) if torch.is_tensor(v) else repr(v))
+                for kind, name, v in slots)
+
+    def rebuild(values):
+        values = iter(values)
+        filled = [(kind, name, next(values) if torch.is_tensor(v) else v) for kind, name, v in slots]
+        return (tuple(v for kind, _, v in filled if kind == "arg"),
+                {name: v for kind, name, v in filled if kind == "kw"})
+
+    return tensors, key, rebuild
+
+
+def site_structure(model, guide, args, kwargs) -> tuple:
+    """The sites of a guide trace and the model replayed against it: names, types,
+    distributions, shapes, scales, masks, enumeration and plates (no values, no densities).
+
+    Raises:
+        NotCompilable: the guide or the model failed.
+    """
+    try:
+        with torch.no_grad(), pyro.validation_enabled(False), _fork_rng(args, kwargs), _fixed_parameters():
+            traces = trace_pair(model, guide, args, kwargs)
+    except ValueError as err:
+        raise NotCompilable(str(err)) from err
+
+    def shape_of(v):
+        return (tuple(v.shape), str(v.dtype)) if torch.is_tensor(v) else v
+
+    return tuple((role, name, site["type"], type(site.get("fn")).__name__, shape_of(site["value"]),
+                  site.get("is_observed"), shape_of(site.get("scale")), shape_of(site.get("mask")),
+                  (site.get("infer") or {}).get("enumerate"),
+                  tuple((f.name, f.size, f.dim) for f in site.get("cond_indep_stack", ())))
+                 for role, trace in zip(("guide", "model"), traces) for name, site in trace.nodes.items()
+                 if site["type"] in ("sample", "param"))
+
+
+def _fork_rng(args, kwargs):
+    """torch's random state on the CPU and on the call's CUDA devices, restored on exit."""
+    devices = sorted({t.device.index or 0 for t in (*args, *kwargs.values())
+                      if torch.is_tensor(t) and t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
+
+
+@torch.library.custom_op("vi_toolkit::inner_product", mutates_args=())
+def inner_product(x: torch.Tensor, w: torch.Tensor, b: "torch.Tensor | None") -> torch.Tensor:
+    """x W^T + b by oneDNN (:mod:`vi_toolkit.linear`'s product), an opaque kernel to Inductor."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@inner_product.register_fake
+def _(x, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _opaque_products(gm):
+    """Route oneDNN's products through :func:`inner_product`: Inductor lowers
+    ``mkldnn._linear_pointwise`` only for constant (frozen) weights; a fit's change every step."""
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.mkldnn._linear_pointwise.default and node.args[3:] == ("none", [], ""):
+            node.target, node.args = torch.ops.vi_toolkit.inner_product.default, node.args[:3]
+    gm.recompile()
+
+
+class StepGraph:
+    """The loss of one batch and its gradients with respect to ``params``, as one compiled graph.
+
+    Built from one call of ``loss_fn(args, kwargs)`` on a batch; replayed on any batch of
+    the same shapes by :meth:`__call__` (see the module).
+
+    Args:
+        loss_fn: ``(args, kwargs) -> loss``, a differentiable scalar tensor.
+        params: ``{name: leaf tensor}``, the parameters to differentiate.
+        args, kwargs: a batch's call arguments.
+        options: Inductor's settings, e.g. ``{"fallback_random": True}``: draw with torch's
+            eager random operations (the eager step's numbers, at some cost in speed).
+
+    Raises:
+        NotCompilable: the step cannot be traced (the message says why).
+    """
+
+    def __init__(self, loss_fn, params: dict, args, kwargs, options: "dict | None" = None):
+        start = time.perf_counter()
+        tensors, self.key, rebuild = split_inputs(args, kwargs)
+        self.params = list(params.values())
+        self.names = list(params)
+        used = []
+
+        def joint(*flat):
+            leaves = [v.requires_grad_() for v in flat[:len(self.params)]]
+            with _Substitute({id(p): leaf for p, leaf in zip(self.params, leaves)}), _UnmaskedDice():
+                loss = loss_fn(*rebuild(flat[len(self.params):]))
+            if not (torch.is_tensor(loss) and loss.requires_grad):
+                raise NotCompilable("the loss does not depend on any parameter")
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            used.extend(g is not None for g in grads)
+            return (loss.detach(), *[g for g in grads if g is not None])
+
+        try:
+            with torch.enable_grad(), pyro.validation_enabled(False), _traceable_pyro(), _fork_rng(args, kwargs), \
+                    _fixed_parameters():
+                gm = make_fx(joint)(*[p.detach() for p in self.params], *tensors)
+        except NotCompilable:
+            raise
+        except Exception as err:  # make_fx names the op that read a value back, or the failure
+            raise NotCompilable(f"tracing the step failed ({type(err).__name__}: {_first_line(err)}); "
+                                "a model or guide that reads tensor values in Python (if x > 0, "
+                                ".item(), checks) has no fixed structure") from err
+        _opaque_products(gm)
+        mutated = _mutated_state(gm)
+        if mutated:
+            raise NotCompilable(f"the step changes state other than its parameters ({mutated}), e.g. "
+                                "batch-norm statistics; a compiled graph would not")
+        self.used = used
+        self.grad_params = [p for p, u in zip(self.params, used) if u]
+        self.cuda = any(t.device.type == "cuda" for t in (*self.params, *tensors))
+        if self.cuda:  # replayed as a CUDA graph (cudagraph trees)
+            self.compiled = torch.compile(gm, fullgraph=True, dynamic=False,
+                                          options={"triton.cudagraphs": True, **(options or {})})
+        else:  # Inductor without TorchDynamo's guards: half the cost of a call of torch.compile's
+            self.compiled = _Deferred(gm, [p.detach() for p in self.params] + list(tensors), options)
+        self.trace_seconds = time.perf_counter() - start
+        self.seconds = None  # trace and compile, known after the first call
+
+    def __call__(self, args, kwargs):
+        """``(loss, grads)`` of one batch: the detached loss and the gradients of ``grad_params``.
+
+        Raises:
+            NotCompilable: compilation failed (at the first call).
+        """
+        tensors = split_inputs(args, kwargs)[0]
+        first = self.seconds is None
+        start = time.perf_counter()
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            with torch.no_grad():  # the backward pass is in the graph: inputs need no grad
+                loss, *grads = self.compiled(*[p.detach() for p in self.params], *tensors)
+        except Exception as err:
+            if not first:
+                raise
+            raise NotCompilable(f"compiling the step failed ({type(err).__name__}: {_first_line(err)})") from err
+        if first:
+            self.seconds = self.trace_seconds + time.perf_counter() - start
+        # a CUDA graph overwrites its outputs at the next replay; the loop keeps losses longer
+        return (loss.clone() if self.cuda else loss), grads
+
+
+class _Deferred:
+    """``torch._inductor.standalone_compile`` of ``gm`` at its first call (Inductor's FX graph
+    cache on disk serves a graph compiled before, by any process)."""
+
+    def __init__(self, gm, example_inputs, options):
+        self.gm, self.example_inputs, self.options, self.fn = gm, example_inputs, options, None
+
+    def __call__(self, *inputs):
+        if self.fn is None:
+            from torch._inductor import standalone_compile
+
+            self.fn = standalone_compile(self.gm, self.example_inputs, dynamic_shapes="from_example_inputs",
+                                         options={"config_patches": self.options or {}},
+                                         donate_graph_module=True)
+            self.gm = self.example_inputs = None
+        return self.fn(*inputs)
+
+
+def _first_line(err):
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+class CompiledStep(EagerStep):
+    """:class:`~vi_toolkit.step.EagerStep` whose loss and gradients come from a compiled graph.
+
+    The same interface and state as the eager step (see the module for what it compiles and
+    its guards). Held-out losses (:meth:`loss`) stay eager.
+
+    Args:
+        required: ``compile=True``: a step that cannot be compiled raises
+            :class:`CompileError`; otherwise it falls back to the eager step with one warning.
+        report: a dict (the fit's ``config["compile"]``) updated with ``used``, ``seconds``
+            (tracing and compiling, all graphs), ``graphs`` and ``reason`` (why it fell back).
+        The other arguments are :class:`~vi_toolkit.step.EagerStep`'s.
+    """
+
+    def __init__(self, model, guide, elbo, *, required: bool, report: dict, **kwargs):
+        super().__init__(model, guide, elbo, **kwargs)
+        self.required, self.report = required, report
+        self.graphs, self.structures = {}, {}  # by the batch's shapes
+        self.eager = self.check_structure = False
+        report.update(used=True, seconds=0.0, graphs=0, reason=None)
+
+    def gradients(self, args, kwargs):
+        """The batch's loss from the compiled graph, the gradients put in each ``.grad``."""
+        if self.eager:
+            return super().gradients(args, kwargs)
+        try:
+            graph = self.graph_for(args, kwargs)
+            new = graph.seconds is None
+            loss, grads = graph(args, kwargs)
+        except NotCompilable as err:
+            self.fall_back(str(err))
+            return super().gradients(args, kwargs)
+        if new:
+            self.report["seconds"] += graph.seconds
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(graph.grad_params, grads):
+            p.grad = g
+        return loss
+
+    def graph_for(self, args, kwargs):
+        """The compiled graph for this batch's shapes (traced now if they are new); at the first
+        step of an epoch, the sites are checked against those the graph was traced with."""
+        tensors, key, _ = split_inputs(args, kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) == MAX_SPECIALIZATIONS:
+                raise NotCompilable(f"the batch's shapes changed a {MAX_SPECIALIZATIONS + 1}th time "
+                                    f"({describe_tensors(tensors)}); a compiled step holds "
+                                    f"{MAX_SPECIALIZATIONS} specializations")
+            self.structures[key] = site_structure(self.model, self.guide, args, kwargs)
+            graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs)
+            self.report["graphs"] = len(self.graphs)
+        elif self.check_structure:
+            now = site_structure(self.model, self.guide, args, kwargs)
+            if now != self.structures[key]:
+                changed = sorted({site[:2] for site in set(now) ^ set(self.structures[key])})
+                raise NotCompilable(f"the sites of the model or guide changed since the step was "
+                                    f"compiled ((role, site): {changed[:5]}): no fixed structure")
+        self.check_structure = False
+        return graph
+
+    def fall_back(self, reason):
+        """Run the eager step from now on (``compile="auto"``) or raise (``compile=True``)."""
+        if self.required:
+            raise CompileError(f"compile=True: {reason}")
+        warnings.warn(f"compile='auto': running the eager step: {reason}", stacklevel=2)
+        self.eager = True
+        self.report.update(used=False, reason=reason)
+
+    def end_epoch(self):
+        super().end_epoch()
+        self.check_structure = True
