@@ -402,7 +402,7 @@ class CompiledStep(EagerStep):
             :class:`CompileError`; otherwise it falls back to the eager step with one warning.
         report: a dict (the fit's ``config["compile"]``) updated with ``used``, ``seconds``
             (tracing and compiling, all graphs), ``graphs`` and ``reason`` (why it fell back).
-        The other arguments are :class:`~vi_toolkit.step.EagerStep`'s.
+        **kwargs: the other arguments, :class:`~vi_toolkit.step.EagerStep`'s.
     """
 
     def __init__(self, model, guide, elbo, *, required: bool, report: dict, **kwargs):
