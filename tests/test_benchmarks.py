@@ -49,3 +49,11 @@ def test_scaling_sweeps_points_and_widths(run_quick):
     assert len(metrics["fit_seconds_by_points"]) == len(metrics["sizes"])
     assert len(metrics["pyro_loop_seconds_by_width"]) == len(metrics["widths"])
     assert all(seconds > 0 for seconds in metrics["fit_seconds_by_points"] + metrics["fit_seconds_by_width"])
+
+
+def test_gradient_estimators_stl_lowers_the_variance_and_dreg_keeps_the_encoder_snr(run_quick):
+    metrics = run_quick("gradient_estimators.py", "snr.png", "elbo_curves.png")
+    for fitted in ("trace", "stl"):  # the score term is noise wherever q is near the posterior
+        assert metrics[f"stl_grad_variance_at_{fitted}_fit"] < metrics[f"trace_grad_variance_at_{fitted}_fit"]
+    assert metrics["iwae-dreg_snr_k100"] > metrics["iwae_snr_k100"]
+    assert metrics["iwae_snr_k100"] < metrics["iwae_snr_k1"]  # Rainforth et al.'s decay with K
