@@ -1,14 +1,17 @@
 """Posterior to ArviZ on the toolkit's models: groups, dims and shapes, values against the guide
 and hand-written exact formulas, ArviZ's functions unchanged on the result, netCDF, model
-comparison of mixtures by LOO, and the posterior-analysis example."""
+comparison of mixtures by LOO, deterministic sites and autoguides, and the posterior-analysis
+example."""
 
 import json
 import warnings
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from test_evaluation import (D, Q, gmm_data, gmm_log_joint, hmm_data, np_hmm_log_likelihood,
                              ppca_data, ppca_fit, ppca_ml_params)
 
@@ -19,7 +22,7 @@ from vi_toolkit.recipes import fit_hmm
 from vi_toolkit.models import conjugate, regression
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.models.hmm import HiddenMarkovModel
-from vi_toolkit import fit, plots
+from vi_toolkit import data_plate, fit, plots
 from vi_toolkit.analysis import to_inference_data
 from vi_toolkit.scripts import save_figure
 
@@ -198,3 +201,31 @@ def test_posterior_analysis_example_quick(tmp_path, load_main, keep_threads, cap
     assert g["true_params_heldout"] - 0.1 < g["map_heldout_exact"] < g["true_params_heldout"] + 0.1
     assert az.from_netcdf(tmp_path / "gmm_k3.nc").posterior["locs"].shape[-2:] == (3, 2)
     assert "K chosen by LOO" in capsys.readouterr().out
+
+
+def located_model(x, num_data=None):
+    """mu ~ N(0, 10^2), z_i ~ N(0, 1), loc_i = mu + z_i (deterministic), x_i ~ N(loc_i, 1)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with data_plate(x, num_data):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        loc = pyro.deterministic("loc", mu + z)  # Pyro's default event_dim: every dim of the value
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("guide", [AutoNormal, AutoMultivariateNormal])
+def test_posterior_holds_the_models_sites_with_deterministic_ones_per_draw_and_point(guide):
+    """Issue 12, items 2 and 3: a deterministic site inside the data plate comes out as
+    (chain, draw, data) and equals mu + z draw by draw, the observed site that uses it is redrawn
+    around it, and the posterior holds the model's sites only, no autoguide internals."""
+    x = 2.0 + torch.randn(10, generator=torch.Generator().manual_seed(0))
+    result = fit(located_model, guide(located_model), x, num_steps=100, lr=0.05, progress=False, seed=0)
+    idata = to_inference_data(result, x, num_samples=300, chunk_size=100, seed=0)
+    assert set(idata.posterior.data_vars) == {"mu", "z", "loc"}
+    assert set(az.summary(idata).index) == {"mu", *(f"{s}[{i}]" for s in ("z", "loc") for i in range(10))}
+    post = idata.posterior
+    assert post["loc"].dims == ("chain", "draw", "data") and post["loc"].shape == (1, 300, 10)
+    np.testing.assert_allclose(post["loc"].values, post["mu"].values[..., None] + post["z"].values,
+                               rtol=1e-5, atol=1e-5)
+    rep = idata.posterior_predictive["x"]
+    assert rep.shape == (1, 300, 10)
+    assert abs(float((rep - post["loc"]).std()) - 1) < 0.1  # x_rep ~ N(loc, 1) at each draw

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
@@ -23,7 +24,7 @@ from vi_toolkit.models.ppca import PPCA
 from vi_toolkit import fit
 from vi_toolkit.cli import main
 from vi_toolkit.demo import SECTIONS
-from vi_toolkit.cli import evaluate_checkpoint
+from vi_toolkit.cli import evaluate_checkpoint, load_data_file
 
 
 def test_help_lists_the_commands():
@@ -117,3 +118,25 @@ def test_evaluate_prints_the_exact_marginal_of_a_classic_model(case, tmp_path, c
     argv[argv.index(guide)] = "vi_toolkit.guides.conjugate:guide"  # a function cannot take the model
     assert main(argv) == 2
     assert "--guide: vi_toolkit.guides.conjugate:guide is a function" in capsys.readouterr().err
+
+
+def test_a_data_file_that_is_not_numbers_is_named_in_one_line(tmp_path, capsys):
+    """Issue 12, item 16: an object array (never unpickled) or an array of strings, in a .npy or an
+    .npz file, is one line naming the file (and the array), not numpy's message alone."""
+    np.save(tmp_path / "objects.npy", np.array([1.0, "a", None], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "strings.npy", np.array(["1.0", "2.0"]))
+    np.savez(tmp_path / "mixed.npz", x=np.ones(3), labels=np.array([1, "b", None], dtype=object))
+    expected = {"objects.npy": "is not a numeric array (Object arrays cannot be loaded",
+                "strings.npy": "holds dtype <U3, not numbers",
+                "mixed.npz": "array 'labels', is not a numeric array"}
+    for name, message in expected.items():
+        path = str(tmp_path / name)
+        argv = ["evaluate", str(tmp_path / "fit.pt"), "--model", "vi_toolkit.models.conjugate:model",
+                "--guide", "vi_toolkit.guides.conjugate:guide", "--data", path, "--device", "cpu"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vi-toolkit evaluate: error: data file {path!r}") and message in err
+        assert err.count("\n") == 1
+    np.savez(tmp_path / "numbers.npz", x=np.ones(3), lengths=np.arange(3))  # numbers still load
+    loaded = load_data_file(tmp_path / "numbers.npz")
+    assert loaded["lengths"].dtype.kind == "i" and np.array_equal(loaded["x"], np.ones(3))

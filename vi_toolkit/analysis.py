@@ -4,11 +4,15 @@ ArviZ's ``from_pyro`` reads MCMC runs only. :func:`to_inference_data` draws S jo
 samples (theta_s, z_s) ~ q from a fitted guide (vectorized, in chunks), runs the
 model against them and fills the groups ArviZ works with:
 
-* ``posterior`` (one chain of S independent draws): every latent site of the guide,
-  and the model's enumerated discrete sites (a mixture's assignments), drawn from
-  their exact conditional p(z_i | x_i, theta_s) by ``infer_discrete``;
+* ``posterior`` (one chain of S independent draws): every latent site of the model
+  (drawn by the guide), the model's enumerated discrete sites (a mixture's assignments),
+  drawn from their exact conditional p(z_i | x_i, theta_s) by ``infer_discrete``, and
+  its ``pyro.deterministic`` sites; the guide's own internals (an autoguide's
+  ``*_unconstrained`` or joint ``_Auto*_latent`` sites) are not model quantities and are
+  left out. A deterministic site's dims are read against the plates it lies in (Pyro's
+  default ``event_dim`` counts every dim of the value, plates included);
 * ``posterior_predictive``: every observed site redrawn from the model given the draw,
-  x_s^rep ~ p(x | theta_s, z_s);
+  x_s^rep ~ p(x | theta_s, z_s), with deterministic sites recomputed from the draw;
 * ``log_likelihood``: the pointwise log p(x_i | theta_s, z_is) per observed site and
   data point (dims of inner plates and events summed), and where discrete latents
   are enumerated the marginal log p(x_i | theta_s) = log sum_{z_i} p(z_i, x_i | theta_s)
@@ -28,6 +32,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import infer_discrete
+from pyro.poutine.uncondition_messenger import UnconditionMessenger
 from pyro.poutine.util import prune_subsample_sites
 
 from .session import FitSession
@@ -46,6 +51,8 @@ def _named(value, site, nesting, draws=None):
     value = torch.as_tensor(value).detach()
     event_dim = site["fn"].event_dim if site["fn"] is not None else 0
     batch_dims = nesting + 1 if draws is not None else nesting
+    if site["infer"].get("_deterministic"):  # its event_dim defaults to value.dim(), plates too
+        event_dim = min(event_dim, max(value.dim() - batch_dims, 0))
     extra = value.dim() - event_dim - batch_dims
     if extra > 0:
         value = value.reshape(value.shape[extra:])
@@ -71,6 +78,19 @@ def _named(value, site, nesting, draws=None):
         array = np.broadcast_to(array, (draws,) + array.shape)
         names.insert(0, "draw")
     return array, names
+
+
+class _Redraw(UnconditionMessenger):
+    """Draw the observed sites ``names`` anew from the model (deterministic sites, observed in
+    Pyro's terms, stay functions of the draw)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.names:
+            super()._pyro_sample(msg)
 
 
 def _store(groups, dims, group, name, array_names):
@@ -122,18 +142,13 @@ def _chunk(session, tensors, num_samples, data_plate, predictive, groups, dims):
         if site["type"] != "sample" or (
                 site["is_observed"] and not site["infer"].get("_deterministic")):
             continue
-        source = guide_trace.nodes[name] if name in guide_trace.nodes else site
-        _store(groups, dims, "posterior", name, _named(source["value"], source, nesting, num_samples))
-    for name in guide_trace.nodes:  # auxiliary guide sites the model does not have
-        site = guide_trace.nodes[name]
-        if site["type"] == "sample" and name not in latent_trace.nodes:
-            _store(groups, dims, "posterior", name, _named(site["value"], site, nesting, num_samples))
+        _store(groups, dims, "posterior", name, _named(site["value"], site, nesting, num_samples))
     if predictive:
         kept = poutine.Trace()
         for name, site in latent_trace.nodes.items():
             if site["type"] == "sample" and name not in observed:
                 kept.add_node(name, **site)
-        rep = poutine.trace(poutine.uncondition(poutine.replay(
+        rep = poutine.trace(_Redraw(observed)(poutine.replay(
             pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1))(model), trace=kept)))
         rep_trace = rep.get_trace(*args, **kwargs)
         for name in observed:

@@ -86,9 +86,34 @@ def _evaluate(args):
     print(line)
 
 
-def load_data_file(path):
+def _numeric(path, read, key=None):
+    """The array ``read()`` returns, or a ``ValueError`` naming the file (and the array's key)
+    for object arrays (never unpickled) and arrays that do not hold numbers."""
+    label = f"data file {path!r}" + ("" if key is None else f", array {key!r},")
+    try:
+        array = read()
+    except ValueError as err:  # numpy's message for an object array names no file
+        raise ValueError(f"{label} is not a numeric array ({err})") from err
+    if array.dtype.kind not in "biufc":
+        raise ValueError(f"{label} holds dtype {array.dtype}, not numbers")
+    return array
+
+
+def load_data_file(path) -> "torch.Tensor | np.ndarray | tuple | dict":
     """Data from a file: ``.pt`` (a tensor, tuple or dict saved by ``torch.save``, read with
-    ``weights_only=True``), ``.npy`` (one array) or ``.npz`` (a dict of arrays)."""
+    ``weights_only=True``), ``.npy`` (one array) or ``.npz`` (a dict of arrays).
+
+    Args:
+        path: the file.
+
+    Returns:
+        What the file holds: a tensor, tuple or dict for ``.pt``, an array for ``.npy``, a
+        dict of arrays for ``.npz``.
+
+    Raises:
+        ValueError: naming the file, for a missing file, an unknown extension, an unreadable
+            torch file, or arrays that are not numbers (object arrays are never unpickled).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist")
@@ -98,10 +123,10 @@ def load_data_file(path):
         except Exception as err:
             raise ValueError(f"data file {path!r} is not a readable torch file: {err}") from err
     if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
+        return _numeric(path, lambda: np.load(path, allow_pickle=False))
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as arrays:
-            return {k: arrays[k] for k in arrays.files}
+            return {k: _numeric(path, lambda: arrays[k], k) for k in arrays.files}
     raise ValueError(f"data file {path!r}: use a .pt, .npy or .npz file")
 
 

@@ -59,9 +59,11 @@ def psis_khat(result, data, *, num_samples=1000, pointwise="auto", batch_size=10
 
     ``pointwise``: ``True`` for one k per data point (all latents local), ``False`` for
     one k of the joint ratio over all the data (in one batch), ``"auto"`` for per point
-    exactly when the guide has no global latent site. Returns a dict with ``khat`` (a
-    float, or the mean over points), ``reading`` (see :func:`khat_reading`), and per
-    point ``khat_points``, ``khat_max`` and ``fraction_unreliable``.
+    exactly when the guide has no global latent site (per point, a joint Gaussian guide such
+    as ``AutoMultivariateNormal`` is conditioned per point, as in :mod:`vi_toolkit.evaluation`).
+    Returns a dict with ``khat`` (a float, or the mean over points), ``reading`` (see
+    :func:`khat_reading`), and per point ``khat_points``, ``khat_max`` and
+    ``fraction_unreliable``.
     """
     positive_int(num_samples, "num_samples")
     positive_int(chunk_size, "chunk_size")
@@ -76,14 +78,14 @@ def psis_khat(result, data, *, num_samples=1000, pointwise="auto", batch_size=10
             guide_trace, _ = trace_pair(session.model, session.guide, args, kwargs)
             pointwise = not any(site["type"] == "sample" and not is_local(site)
                                 for site in guide_trace.nodes.values())
-        batches = (session.data.batches(positive_int(batch_size, "batch_size")) if pointwise
-                   else [session.data.tensors])
+        batches = (session.pointwise_batches(positive_int(batch_size, "batch_size")) if pointwise
+                   else [(session.data.tensors, session.guide)])
         rows = []
-        for tensors in batches:
+        for tensors, guide in batches:
             chunks, done = [], 0
             while done < num_samples:
                 k = min(chunk_size, num_samples - done)
-                local, global_ = session.log_weights(tensors, k)
+                local, global_ = session.log_weights(tensors, k, guide)
                 chunks.append(local.T if pointwise else (local.sum(1) + global_)[None])
                 done += k
             rows.append(torch.cat(chunks, 1).cpu())

@@ -22,6 +22,12 @@ is drawn from the fitted q(theta) and the estimates are of the predictive densit
 log E_q(theta)[p(x_i | theta)] of a new point; the global term
 log p(theta) - log q(theta) belongs to the fit, not to held-out points, and is left out.
 
+A guide whose per-point latents live inside one joint site outside the data plate
+(``AutoMultivariateNormal``) has no factor q(z_i | x_i, theta): its per-point weights
+would lack log q altogether. Such a Gaussian guide is evaluated through its per-point
+conditionals q(theta) q(z_i | theta) on the data it was fitted to
+(:mod:`vi_toolkit.joint_guides`); any other joint guide is refused with a ``ValueError``.
+
 Both come out of one pass that is batched over data points (``batch_size``) and
 chunked over samples (``chunk_size``), with sum_k log w and log-sum-exp_k log w
 accumulated across chunks, all vectorized on the device the fit ran on. Memory grows
@@ -65,8 +71,8 @@ def pointwise_estimates(result, data, *, num_samples=5000, batch_size=100, chunk
         pyro.set_rng_seed(seed)
     elbos, lls = [], []
     with session.scope():
-        for tensors in session.data.batches(batch_size):
-            elbo, ll = session.estimates(tensors, num_samples, chunk_size)
+        for tensors, guide in session.pointwise_batches(batch_size):
+            elbo, ll = session.estimates(tensors, num_samples, chunk_size, guide)
             elbos.append(elbo.cpu())
             lls.append(ll.cpu())
     return {"elbo": torch.cat(elbos), "log_likelihood": torch.cat(lls)}
@@ -211,6 +217,7 @@ def inference_gaps(result, data, *, site=None, refine_steps=300, lr=0.02, num_pa
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     session = FitSession(result, data, device)
+    session.require_factorized("inference_gaps")
     if seed is not None:
         pyro.set_rng_seed(seed)
     points = {k: [] for k in ("log_px", "elbo_q_star", "elbo_q")}
