@@ -7,18 +7,25 @@ same objective (the single-sample Monte Carlo ELBO of Pyro's ``Trace_ELBO``):
 * ``fit``         ``vi_toolkit.fit(..., elbo="trace")``, its float32 linear layers by oneDNN
   on CPUs where torch's MKL does not use the full vector width (``vi_toolkit.linear``);
 * ``fit (torch BLAS)``  the same with ``linear_backend="torch"``: torch's own matrix products;
+* ``fit (compiled)``  ``fit(..., compile=True)``: the step traced once, compiled by Inductor
+  and replayed (``vi_toolkit.compiled``; its seconds of tracing and compiling are printed);
 * ``pyro loop``   Pyro's VAE tutorial: ``SVI.step`` over a ``DataLoader``
   (``vae_vs_pyro_loop.pyro_loop``);
 * ``torch``       the same networks and estimator written directly in PyTorch
   (log p(x | z) + log p(z) - log q(z | x) at z = mu + sigma * eps);
+* ``torch (compiled)``  the same loss under ``torch.compile`` (backward and Adam eager);
 * ``numpyro``     NumPyro's SVI with stax networks of the same sizes, each epoch one jitted
   ``lax.fori_loop`` (the ``bench`` extra; skipped with a note if it is not installed).
 
 For each batch size it prints seconds per epoch (the median over the timed epochs, after
-one warm-up epoch), the ratio to ``fit``, and the training ELBO per point each reached in
-its last epoch, so that equal work is visible.
+one warm-up epoch, which holds any compilation), the ratio to ``fit``, and the training ELBO
+per point each reached in its last epoch, so that equal work is visible; and beside them the
+matrix-product floor: the seconds an epoch's products alone take (every layer's forward
+product, its weight gradient and, past the first layer, its input gradient, by the backend
+``fit`` uses), against which the compiled step and NumPyro are measured.
 """
 
+import math
 import os
 import re
 import statistics
@@ -32,6 +39,7 @@ from vi_toolkit.models.vae import DeepLatentGaussian
 from vae_vs_pyro_loop import pyro_loop
 from vi_toolkit import fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
+from vi_toolkit.linear import onednn_linear, resolve_backend
 from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
 
 
@@ -47,11 +55,16 @@ def per_epoch(times):
     return float(statistics.median(steps[1:]) if len(steps) > 1 else steps[0])
 
 
-def run_fit(x, args, batch, linear_backend="auto"):
+def run_fit(x, args, batch, linear_backend="auto", compile=False):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
     result = fit(model, guide, x, elbo="trace", batch_size=batch, num_epochs=args.epochs, lr=args.lr,
-                 seed=args.seed, progress=False, options={"linear_backend": linear_backend})
-    return per_epoch(result.history["time"]), result.elbo
+                 seed=args.seed, progress=False, device=x.device, compile=compile,
+                 options={"linear_backend": linear_backend})
+    return per_epoch(result.history["time"]), result.elbo, result.config["compile"]["seconds"]
+
+
+def run_fit_compiled(x, args, batch):
+    return run_fit(x, args, batch, compile=True)
 
 
 def run_fit_torch_linear(x, args, batch):
@@ -65,24 +78,30 @@ def run_pyro_loop(x, args, batch):
     return per_epoch(history["time"]), history["elbo"][-1]
 
 
-def run_torch(x, args, batch):
+def run_torch(x, args, batch, compile=False):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
     encoder, decoder = guide.encoder, model.decoder
     optim = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr)
     normal = torch.distributions.Normal
-    n, times, start = x.shape[0], [], time.perf_counter()
+    n, times = x.shape[0], []
+
+    def loss_of(xb):
+        loc, log_var = encoder(xb)
+        scale = (0.5 * log_var).exp()
+        z = loc + scale * torch.randn_like(loc)
+        logits, = decoder(z)
+        log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
+        elbo = log_lik + normal(0.0, 1.0).log_prob(z).sum() - normal(loc, scale).log_prob(z).sum()
+        return -elbo * n / xb.shape[0]
+
+    loss_of = torch.compile(loss_of) if compile else loss_of
+    start = time.perf_counter()
     for _ in range(args.epochs):
         total = x.new_zeros(())
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=x.device)
         for i in range(0, n, batch):
             xb = x[perm[i:i + batch]]
-            loc, log_var = encoder(xb)
-            scale = (0.5 * log_var).exp()
-            z = loc + scale * torch.randn_like(loc)
-            logits, = decoder(z)
-            log_lik = -torch.nn.functional.binary_cross_entropy_with_logits(logits, xb, reduction="sum")
-            elbo = log_lik + normal(0.0, 1.0).log_prob(z).sum() - normal(loc, scale).log_prob(z).sum()
-            loss = -elbo * n / xb.shape[0]
+            loss = loss_of(xb)
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -90,6 +109,37 @@ def run_torch(x, args, batch):
         times.append(time.perf_counter() - start)
         last = -float(total) / (n / batch) / n
     return per_epoch(times), last
+
+
+def run_torch_compiled(x, args, batch):
+    return run_torch(x, args, batch, compile=True)
+
+
+def product_floor(x, args, batch, repeats=20):
+    """Seconds per epoch of the VAE's matrix products alone (see the module), by the backend
+    ``fit`` uses for float32 linear layers on this device; the median of ``repeats``."""
+    pixels, h, d = x[0].numel(), args.hidden, args.latent_dim
+    linear = onednn_linear if resolve_backend("auto", x.device) == "onednn" else torch.nn.functional.linear
+    layers = [(pixels, h, False), (h, 2 * d, True), (d, h, True), (h, pixels, True)]  # (in, out, input grad)
+    tensors = [(torch.randn(batch, i, device=x.device), torch.randn(o, i, device=x.device),
+                torch.randn(batch, o, device=x.device), grad_in) for i, o, grad_in in layers]
+
+    def products():
+        for inputs, weight, grad, grad_in in tensors:
+            linear(inputs, weight)  # forward
+            linear(grad.t(), inputs.t())  # dL/dW = grad^T inputs
+            if grad_in:
+                linear(grad, weight.t())  # dL/dinputs = grad W
+
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            products()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * math.ceil(x.shape[0] / batch)
 
 
 def run_numpyro(x, args, batch):
@@ -145,8 +195,9 @@ def metric_key(name):
     return re.sub(r"\W+", "_", name).strip("_")
 
 
-IMPLEMENTATIONS = {"fit": run_fit, "fit (torch BLAS)": run_fit_torch_linear, "pyro loop": run_pyro_loop,
-                   "torch": run_torch, "numpyro": run_numpyro}
+IMPLEMENTATIONS = {"fit": run_fit, "fit (torch BLAS)": run_fit_torch_linear, "fit (compiled)": run_fit_compiled,
+                   "pyro loop": run_pyro_loop, "torch": run_torch, "torch (compiled)": run_torch_compiled,
+                   "numpyro": run_numpyro}
 
 
 def main(argv=None):
@@ -172,21 +223,39 @@ def main(argv=None):
                "threads": torch.get_num_threads(), "epochs": args.epochs}
     table = []
     for name, run in IMPLEMENTATIONS.items():  # NumPyro last: JAX's thread pool stays busy after it
+        if args.quick and "compiled" in name:  # a smoke test waits on no compiler (tests/test_compiled.py)
+            continue
         for batch in args.batch_sizes:
             try:
-                seconds, elbo = run(x, args, batch)
+                seconds, elbo, *compile_seconds = run(x, args, batch)
             except ImportError as err:
                 print(f"{name}: skipped ({err}); install the bench extra")
                 continue
             key = metric_key(name)
             metrics[f"b{batch}_{key}_seconds_per_epoch"] = seconds
             metrics[f"b{batch}_{key}_train_elbo"] = elbo
+            if compile_seconds and compile_seconds[0]:
+                metrics[f"b{batch}_{key}_compile_seconds"] = compile_seconds[0]
             table.append((batch, name, seconds, elbo))
+    for batch in args.batch_sizes:
+        metrics[f"b{batch}_product_floor_seconds_per_epoch"] = product_floor(x, args, batch)
     print(f"\n{'batch':>6} {'implementation':<18} {'s/epoch':>9} {'vs fit':>7} {'train ELBO':>11}")
     for batch, name, seconds, elbo in sorted(table, key=lambda row: row[0]):
         ratio = seconds / metrics[f"b{batch}_fit_seconds_per_epoch"]
         metrics[f"b{batch}_{metric_key(name)}_vs_fit"] = ratio
-        print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}")
+        compile_seconds = metrics.get(f"b{batch}_{metric_key(name)}_compile_seconds")
+        print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}"
+              + (f"   (compiled in {compile_seconds:.1f} s)" if compile_seconds else ""))
+    for batch in args.batch_sizes:
+        floor = metrics[f"b{batch}_product_floor_seconds_per_epoch"]
+        print(f"{batch:>6} {'matrix products':<18} {floor:>9.3f}   (the floor: the products alone)")
+        for name in ("fit (compiled)", "numpyro"):
+            seconds = metrics.get(f"b{batch}_{metric_key(name)}_seconds_per_epoch")
+            if seconds:
+                metrics[f"b{batch}_{metric_key(name)}_vs_floor"] = seconds / floor
+        if metrics.get(f"b{batch}_numpyro_seconds_per_epoch") and f"b{batch}_fit_compiled_seconds_per_epoch" in metrics:
+            metrics[f"b{batch}_fit_compiled_vs_numpyro"] = (metrics[f"b{batch}_fit_compiled_seconds_per_epoch"]
+                                                            / metrics[f"b{batch}_numpyro_seconds_per_epoch"])
     save_figure(plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
                                 ylabel="seconds per epoch",
                                 title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}"),

@@ -87,7 +87,7 @@ def test_compiled_loss_and_gradients_equal_the_eager_ones_on_a_map_mixture():
     for batch in batches:
         for _ in range(2):
             args, kwargs = (batch,), {"num_data": 1000}
-            loss, grads = graph(args, kwargs)
+            loss, grads = graph(list(args))
             expected_loss, expected_grads = eager_loss_and_grads(elbo, mixture.model, guide, params, args, kwargs)
             assert_float32_close(loss, expected_loss)
             assert len(grads) == len(expected_grads) == len(params)
@@ -111,7 +111,7 @@ def test_compiled_stochastic_loss_equals_the_eager_one_at_the_same_draws():
     params, graph = graph_of(elbo, hierarchical_model, hierarchical_guide, args, kwargs, options=EAGER_RANDOM)
     for seed in (0, 1):
         pyro.set_rng_seed(seed)
-        loss, grads = graph(args, kwargs)
+        loss, grads = graph(list(args))
         pyro.set_rng_seed(seed)
         expected_loss, expected_grads = eager_loss_and_grads(elbo, hierarchical_model, hierarchical_guide,
                                                              params, args, kwargs)
@@ -119,8 +119,8 @@ def test_compiled_stochastic_loss_equals_the_eager_one_at_the_same_draws():
         for g, e in zip(grads, expected_grads):
             assert_float32_close(g, e)
     pyro.set_rng_seed(0)
-    first = graph(args, kwargs)[0]
-    assert graph(args, kwargs)[0] != first  # every replay draws afresh
+    first = graph(list(args))[0]
+    assert graph(list(args))[0] != first  # every replay draws afresh
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_compiled_meanfield_and_iwae_losses_equal_the_eager_ones_at_the_same_dra
     args, kwargs = (x,), {"num_data": 100}
     params, graph = graph_of(elbo, hierarchical_model, hierarchical_guide, args, kwargs, options=EAGER_RANDOM)
     pyro.set_rng_seed(3)
-    loss, grads = graph(args, kwargs)
+    loss, grads = graph(list(args))
     pyro.set_rng_seed(3)
     expected_loss, expected_grads = eager_loss_and_grads(elbo, hierarchical_model, hierarchical_guide,
                                                          params, args, kwargs)
@@ -166,7 +166,7 @@ def test_compiled_gradient_is_unbiased_and_the_globally_scaled_estimator_is_not(
     for model, guide, unbiased in ((hierarchical_model, hierarchical_guide, True),
                                    (scaled_everywhere, scaled_guide, False)):
         _, graph = graph_of(one, model, guide, (x[:B],), {"num_data": N})
-        grads = torch.stack([torch.stack(graph((x[torch.randperm(N)[:B]],), {"num_data": N})[1])
+        grads = torch.stack([torch.stack(graph([x[torch.randperm(N)[:B]]])[1])
                              for _ in range(R)])
         se = grads.std(0) / R ** 0.5
         if unbiased:
@@ -292,8 +292,8 @@ def test_seeded_compiled_fits_are_bit_identical_and_a_site_added_between_epochs_
 @pytest.mark.slow
 def test_a_minibatch_fit_with_a_smaller_last_batch_compiles_two_specializations():
     x = 3.0 + torch.randn(110, generator=torch.Generator().manual_seed(0))
-    result = fit(conjugate.model, conjugate_guide.guide, x, lr=0.05, batch_size=25, num_epochs=40,
-                 num_particles=4, progress=False, seed=0, compile=True)
+    result = fit(conjugate.model, conjugate_guide.guide, x, lr=0.1, lr_schedule="cosine", batch_size=25,
+                 num_epochs=100, num_particles=8, progress=False, seed=0, compile=True)
     assert result.config["compile"]["graphs"] == 2 and result.config["compile"]["used"]
     mean, sd = conjugate.posterior(x)
     assert abs(float(result.params["mu_loc"]) - float(mean)) < 0.05
@@ -328,9 +328,9 @@ def test_a_compiled_fit_that_diverges_names_the_step_and_the_site(x):
     with pytest.raises(DivergenceError) as caught:
         fit(model, guide, x, lr=0.5, num_steps=300, progress=False, seed=0, compile=True,
             options={"log_every": 10})
-    err = caught.value
-    assert err.step > 1 and err.site is not None
-    assert err.result.history["step"][-1] < err.step
+    err = caught.value  # the replay from the last good state is exact: it finds the culprit
+    assert err.step > 1 and err.site in ("parameter 'scale'", "guide site 'mu'")
+    assert all(step < err.step for step in err.result.history["step"])
 
 
 @pytest.mark.slow
@@ -368,7 +368,7 @@ def test_a_compiled_step_on_cuda_equals_the_eager_step_and_keeps_everything_on_t
     with torch.device("cuda"):
         params, graph = graph_of(elbo, mixture.model, guide, (x,), {"num_data": 500})
         for _ in range(3):
-            loss, grads = graph((x,), {"num_data": 500})
+            loss, grads = graph([x])
             expected_loss, expected_grads = eager_loss_and_grads(elbo, mixture.model, guide, params, (x,),
                                                                  {"num_data": 500})
             assert loss.device.type == "cuda"

@@ -38,9 +38,10 @@ why (``compile="auto"``), or raises :class:`CompileError` (``compile=True``) whe
 * compilation fails;
 * the batch's shapes change a third time (the full batch and the last, smaller batch of an
   epoch are two specializations, compiled once each);
-* at the first step of an epoch the sites (names, shapes, distributions, scales, plates) of
-  a guide and model trace differ from those the graph was traced with (a change made by a
-  callback between epochs, say).
+* after an epoch's end, at the first step with at least ``CHECK_EVERY`` = 100 steps since
+  the last check (a check costs one eager trace, and draws no random numbers), the sites
+  (names, shapes, distributions, scales, plates) of a guide and model trace differ from those
+  the graph was traced with (a change made by a callback between epochs, say).
 
 Python numbers that a model reads are constants of the graph: a model that changes them
 between steps (other than through site scales, which the check above sees at epoch
@@ -81,6 +82,7 @@ from .traces import describe_tensors, trace_pair
 
 AUTO_MIN_STEPS = 20_000
 MAX_SPECIALIZATIONS = 2  # the full batch and the last, smaller batch of an epoch
+CHECK_EVERY = 100  # steps at least between two checks of the sites (one eager trace each)
 
 
 class CompileError(RuntimeError):
@@ -345,13 +347,13 @@ class StepGraph:
         self.trace_seconds = time.perf_counter() - start
         self.seconds = None  # trace and compile, known after the first call
 
-    def __call__(self, args, kwargs):
-        """``(loss, grads)`` of one batch: the detached loss and the gradients of ``grad_params``.
+    def __call__(self, tensors):
+        """``(loss, grads)`` of one batch (its tensors, as :func:`split_inputs` gives them): the
+        detached loss and the gradients of ``grad_params``.
 
         Raises:
             NotCompilable: compilation failed (at the first call).
         """
-        tensors = split_inputs(args, kwargs)[0]
         first = self.seconds is None
         start = time.perf_counter()
         if self.cuda:
@@ -410,16 +412,18 @@ class CompiledStep(EagerStep):
         self.required, self.report = required, report
         self.graphs, self.structures = {}, {}  # by the batch's shapes
         self.eager = self.check_structure = False
+        self.unchecked = 0  # steps since the sites were last checked
         report.update(used=True, seconds=0.0, graphs=0, reason=None)
 
     def gradients(self, args, kwargs):
         """The batch's loss from the compiled graph, the gradients put in each ``.grad``."""
         if self.eager:
             return super().gradients(args, kwargs)
+        tensors, key, _ = split_inputs(args, kwargs)
         try:
-            graph = self.graph_for(args, kwargs)
+            graph = self.graph_for(tensors, key, args, kwargs)
             new = graph.seconds is None
-            loss, grads = graph(args, kwargs)
+            loss, grads = graph(tensors)
         except NotCompilable as err:
             self.fall_back(str(err))
             return super().gradients(args, kwargs)
@@ -430,10 +434,9 @@ class CompiledStep(EagerStep):
             p.grad = g
         return loss
 
-    def graph_for(self, args, kwargs):
-        """The compiled graph for this batch's shapes (traced now if they are new); at the first
-        step of an epoch, the sites are checked against those the graph was traced with."""
-        tensors, key, _ = split_inputs(args, kwargs)
+    def graph_for(self, tensors, key, args, kwargs):
+        """The compiled graph for this batch's shapes (traced now if they are new); after an
+        epoch's end the sites are checked against those the graph was traced with (see the module)."""
         graph = self.graphs.get(key)
         if graph is None:
             if len(self.graphs) == MAX_SPECIALIZATIONS:
@@ -443,13 +446,15 @@ class CompiledStep(EagerStep):
             self.structures[key] = site_structure(self.model, self.guide, args, kwargs)
             graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs)
             self.report["graphs"] = len(self.graphs)
-        elif self.check_structure:
+        elif self.check_structure and self.unchecked >= CHECK_EVERY:
+            self.unchecked = 0
             now = site_structure(self.model, self.guide, args, kwargs)
             if now != self.structures[key]:
                 changed = sorted({site[:2] for site in set(now) ^ set(self.structures[key])})
                 raise NotCompilable(f"the sites of the model or guide changed since the step was "
                                     f"compiled ((role, site): {changed[:5]}): no fixed structure")
-        self.check_structure = False
+            self.check_structure = False
+        self.unchecked += 1
         return graph
 
     def fall_back(self, reason):
