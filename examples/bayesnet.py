@@ -4,7 +4,7 @@ The network is declared as a DAG of ``Node(name, cardinality, parents)``
 (``vi_toolkit.models.bayesnet``): an observed age group, a latent class that depends on it,
 four answers that depend on the class and a fifth that depends on the class and the age
 group. Answers are simulated from known CPTs; the CPTs are then fitted by MAP with the latent
-class summed out exactly (``vi_toolkit.guides.bayesnet.fit_bayesnet``). The summary gives the
+class summed out exactly (``vi_toolkit.recipes.fit_bayesnet``). The summary gives the
 largest CPT error against the truth (classes matched), the exact held-out log-likelihood at
 the fitted and the true CPTs, ``vi_toolkit.evaluation.evaluate``'s IWAE estimate beside the
 exact value, and how often the most probable class, argmax p(class | answers), is the true one.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vi_toolkit.evaluation import evaluate
-from vi_toolkit.guides.bayesnet import fit_bayesnet
+from vi_toolkit.recipes import fit_bayesnet
 from vi_toolkit.models.bayesnet import BayesianNetwork, Node
 from vi_toolkit.scripts import finish, parse_args, script_parser
 

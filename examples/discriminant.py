@@ -3,7 +3,7 @@
 Three classes of 2-D points with one shared covariance are simulated from
 ``vi_toolkit.models.discriminant`` itself, and the one model (its label mask says which labels
 are observed; the classes are summed out elsewhere) is fitted by MAP
-(``vi_toolkit.guides.discriminant.fit_discriminant``) three ways:
+(``vi_toolkit.recipes.fit_discriminant``) three ways:
 
 * supervised, every label observed: beside scikit-learn's ``LinearDiscriminantAnalysis``
   (class means, shared covariance, ``predict_proba`` on the test points);
@@ -24,7 +24,7 @@ import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.mixture import GaussianMixture
 
-from vi_toolkit.guides.discriminant import fit_discriminant
+from vi_toolkit.recipes import fit_discriminant
 from vi_toolkit.models.discriminant import LinearDiscriminant, label_data
 from vi_toolkit.scripts import finish, parse_args, script_parser
 

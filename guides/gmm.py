@@ -20,6 +20,7 @@ from torch.distributions import constraints
 from torch.distributions.transforms import CorrCholeskyTransform
 
 from vi_toolkit.initialization import kmeans_init
+from vi_toolkit.specs import Rebuildable
 
 
 def _initial(guide, x, name):
@@ -31,7 +32,7 @@ def _initial(guide, x, name):
     return guide.init[name].to(x)
 
 
-class MAPGuide:
+class MAPGuide(Rebuildable):
     """q(theta) = delta(theta - theta_hat): the MAP estimate of the mixture's parameters.
 
     ``init`` holds the initial ``params`` (:func:`kmeans_init`'s); None: k-means on the data
@@ -65,7 +66,7 @@ class MAPGuide:
                 if f"{site}_map" in p}
 
 
-class MeanFieldGuide:
+class MeanFieldGuide(Rebuildable):
     """q(w) q(mu) q(sigma) q(L): Dirichlet, Normal, LogNormal and transformed-Normal factors.
 
     ``init`` as for :class:`MAPGuide`.

@@ -15,9 +15,10 @@ import pyro.distributions as dist
 from torch.distributions import constraints
 
 from vi_toolkit.initialization import hmm_init
+from vi_toolkit.specs import Rebuildable
 
 
-class MAPGuide:
+class MAPGuide(Rebuildable):
     """q(theta) = delta(theta - theta_hat) for a ``vi_toolkit.models.hmm.HiddenMarkovModel``.
 
     ``init`` holds the initial ``params`` (:func:`hmm_init`'s); None: :func:`hmm_init` on the

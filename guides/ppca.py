@@ -17,9 +17,10 @@ from torch.distributions import constraints
 
 from vi_toolkit.models.ppca import PPCA
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 
-class LinearEncoder:
+class LinearEncoder(Rebuildable):
     """q(z_i | x_i) = N(A x_i + c, L L^T) for a ``vi_toolkit.models.ppca.PPCA`` model."""
 
     def __init__(self, ppca):
@@ -48,7 +49,7 @@ class LinearEncoder:
         return x @ p["encoder_A"].T + p["encoder_c"], p["encoder_scale_tril"] @ p["encoder_scale_tril"].T
 
 
-class PointwiseGuide:
+class PointwiseGuide(Rebuildable):
     """q(z_i) = N(m_i, diag s_i^2) for each of ``num_points`` points of a ``vi_toolkit.models.ppca.PPCA``."""
 
     def __init__(self, ppca, num_points, *, init_scale=0.1):

@@ -31,11 +31,12 @@ from torch.distributions import constraints
 
 from vi_toolkit.networks import Encoder
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 CORRUPTIONS = ("gaussian", "mask", "salt_pepper")
 
 
-class Corruption:
+class Corruption(Rebuildable):
     """A corruption process c(x~ | x) for denoising auto-encoders.
 
     * ``"gaussian"``     x~ = x + level * eps, eps ~ N(0, I);
@@ -63,7 +64,7 @@ class Corruption:
         return f"Corruption({self.kind!r}, {self.level!r})"
 
 
-class _Amortized(nn.Module):
+class _Amortized(Rebuildable, nn.Module):
     """An encoder network with ``heads`` outputs, optionally fed a corrupted input."""
 
     heads = 2
@@ -141,7 +142,7 @@ class IAFEncoder(GaussianEncoder):
         return z
 
 
-class MeanFieldCodes(nn.Module):
+class MeanFieldCodes(Rebuildable, nn.Module):
     """q(z_1..z_N) = prod_i N(z_i; m_i, diag s_i^2), free parameters per data point.
 
     Takes ``(x, index)``: ``index`` holds the data points' positions in the data set

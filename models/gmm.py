@@ -23,11 +23,12 @@ from pyro.infer import infer_discrete
 from pyro.ops.indexing import Vindex
 
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 COVARIANCES = ("diag", "full")
 
 
-class GaussianMixture:
+class GaussianMixture(Rebuildable):
     """The mixture's prior and likelihood; ``model(x, num_data)`` is the Pyro program.
 
     ``params`` below is a dict of point values of the global sites: ``weights`` (K,),

@@ -33,6 +33,7 @@ import torch
 from pyro.distributions.util import is_validation_enabled
 
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 EMISSIONS = ("gaussian", "categorical")
 
@@ -53,7 +54,7 @@ def pad_sequences(sequences, *, dtype=None):
     return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True), lengths
 
 
-class HiddenMarkovModel:
+class HiddenMarkovModel(Rebuildable):
     """The HMM's prior and likelihood; ``model(sequences, lengths, num_data)`` is the program.
 
     ``params`` below is a dict of point values of the global sites: ``initial`` (K,),

@@ -26,9 +26,10 @@ import torch
 from torch.distributions import constraints
 
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 
-class PPCA:
+class PPCA(Rebuildable):
     """PPCA with ``D`` observed and ``q`` latent dimensions; ``model(x, index, num_data)``.
 
     ``index`` (the positions of the batch's points in the data set) is only read by

@@ -28,12 +28,13 @@ from torch.distributions import constraints
 
 from vi_toolkit.networks import Decoder, check_batch
 from vi_toolkit.plates import data_plate
+from vi_toolkit.specs import Rebuildable
 
 LIKELIHOODS = {"bernoulli": 1, "gaussian": 2, "gaussian_fixed": 1}  # decoder heads of each
 PRIORS = ("normal", "flat")
 
 
-class DeepLatentGaussian(nn.Module):
+class DeepLatentGaussian(Rebuildable, nn.Module):
     """p(z) p(x | z; theta) for data points of ``data_shape`` and codes of size ``latent_dim``.
 
     ``arch``, ``hidden``, ``activation`` and ``channels`` build the decoder

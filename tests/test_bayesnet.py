@@ -15,7 +15,7 @@ from pyro.infer import TraceEnum_ELBO
 import vi_toolkit
 from vi_toolkit.analysis import to_inference_data
 from vi_toolkit.evaluation import evaluate
-from vi_toolkit.guides.bayesnet import fit_bayesnet
+from vi_toolkit.recipes import fit_bayesnet
 from vi_toolkit.models.bayesnet import CPT_PREFIX, BayesianNetwork, Node
 
 CARDS = (3, 4, 2, 3, 3)  # the observed children of the latent class C (3 classes)

@@ -10,7 +10,8 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.mixture import GaussianMixture
 
 from vi_toolkit.evaluation import evaluate
-from vi_toolkit.guides.discriminant import discriminant_init, fit_discriminant
+from vi_toolkit.initialization import discriminant_init
+from vi_toolkit.recipes import fit_discriminant
 from vi_toolkit.models.discriminant import LinearDiscriminant, label_data
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .step import map_tensors
+from .traces import positive_int
 
 
 class Callback:
@@ -119,9 +120,7 @@ class EarlyStopping(Callback):
     """
 
     def __init__(self, patience: int):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive integer, got {patience!r}")
-        self.patience = patience
+        self.patience = positive_int(patience, "patience")
         self.best, self.bad_epochs = None, 0
 
     def on_fit_start(self, state):
@@ -195,6 +194,8 @@ class Checkpoint(Callback):
         probe = folder
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise ValueError(f"checkpoint {self.path!r}: {probe!r} is a file, not a folder")
         if not os.access(probe, os.W_OK):
             raise ValueError(f"checkpoint {self.path!r}: the folder {probe!r} is not writable")
         self.records = 0

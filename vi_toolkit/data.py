@@ -27,12 +27,20 @@ def _as_tensor(value, label):
     return value.detach()
 
 
+def _moved(t, device, label):
+    try:
+        return t.to(device)
+    except (RuntimeError, NotImplementedError) as err:
+        raise ValueError(f"{label} is on device {t.device} and cannot be moved to the fit's device "
+                         f"{device}: {err}") from err
+
+
 class FitData:
     """Validated data, moved once to ``device``; ``batch(idx)`` indexes every tensor alike.
 
     Checks, each a ``ValueError`` naming the offending tensor: not empty, the same
-    leading dimension everywhere, no NaN or infinite values, and floating point for
-    a bare tensor (integer indices, labels or lengths belong in a tuple or dict).
+    leading dimension everywhere, no NaN or infinite values. (Whether integer data suit the
+    model is checked against its observed sites: :func:`vi_toolkit.engine.check_sites`.)
     """
 
     def __init__(self, data, *, name="data", device=None):
@@ -47,6 +55,8 @@ class FitData:
         else:
             self.kind, keys, values = "tensor", [None], [data]
         tensors = [_as_tensor(v, _label(name, k)) for k, v in zip(keys, values)]
+        if device is not None:  # moved once, then checked where they live
+            tensors = [_moved(t, device, _label(name, k)) for k, t in zip(keys, tensors)]
         self.name, self.keys = name, keys
         for key, t in zip(keys, tensors):
             label = _label(name, key)
@@ -54,11 +64,6 @@ class FitData:
                 raise ValueError(f"{label} is a scalar; dimension 0 must index data points")
             if t.shape[0] == 0:
                 raise ValueError(f"{label} is empty (shape {tuple(t.shape)})")
-            if self.kind == "tensor" and not (t.is_floating_point() or t.is_complex()):
-                raise ValueError(
-                    f"{label} has integer dtype {t.dtype}; the model observes real values: pass "
-                    f"{name}.float(), or put integer inputs (indices, labels, lengths) in a "
-                    "tuple or dict beside the real-valued data")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t)).nonzero()[0].tolist()
                 count = int((~torch.isfinite(t)).sum())
@@ -69,7 +74,7 @@ class FitData:
             raise ValueError(f"{name}: tensors must share the leading (data-point) dimension, "
                              f"got {sizes}")
         self.num_data = tensors[0].shape[0]
-        self.tensors = [t.to(device) for t in tensors] if device is not None else tensors
+        self.tensors = tensors
         self.device = self.tensors[0].device
 
     def fingerprint(self):
@@ -109,6 +114,10 @@ class FitData:
             kwargs.update(zip(self.keys, tensors))
             return (), kwargs
         return tuple(tensors), kwargs
+
+    def labels(self):
+        """The name of each tensor, as error messages give it: ``data``, ``data[0]``, ``data['x']``."""
+        return [_label(self.name, k) for k in self.keys]
 
     def structured(self, tensors):
         """``tensors`` (drawn from this data) in the data's own structure: tensor, tuple or dict."""

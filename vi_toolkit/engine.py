@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from .callbacks import Checkpoint, Convergence, EarlyStopping, ProgressBar, as_callbacks
 from .data import FitData
@@ -41,6 +43,7 @@ from .loop import Loop, device_context
 from .optim import is_lbfgs
 from .compiled import CompiledStep, compile_plan
 from .step import EagerStep
+from .stationarity import Stationarity
 from .strategy import make_strategy
 from .traces import accepts_keyword, modules_of, positive_int
 
@@ -99,18 +102,35 @@ def _optional_int(value, name):
 
 
 def _name_of(obj):
+    if isinstance(obj, PyroOptim):
+        return type(obj).__name__ if isinstance(obj, PyroLRScheduler) else obj.pt_optim_constructor.__name__
     return obj if isinstance(obj, str) else getattr(obj, "__name__", type(obj).__name__)
 
 
-def check_sites(model_trace, guide_trace):
-    """Every latent site of the model is drawn by the guide, with the model's shape.
+def check_sites(model_trace, guide_trace, data):
+    """Every latent site of the model is drawn by the guide, with the model's shape, and
+    integer data are observed by discrete distributions only.
 
     Raises:
         ValueError: naming a model site the guide lacks (its values would silently come from
-            the prior), or a guide site whose shape does not fit the model's distribution.
+            the prior), a guide site whose shape does not fit the model's distribution, or an
+            observed site with a continuous distribution given integer values of ``data``.
     """
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("enumerate"):
+        if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            continue
+        if site["is_observed"]:
+            value, support = site["value"], site["fn"].support
+            if torch.is_tensor(value) and not (value.is_floating_point() or value.is_complex()) \
+                    and not support.is_discrete:
+                which = next((label for label, t in zip(data.labels(), data.tensors)
+                              if t.dtype == value.dtype), data.name)
+                raise ValueError(f"{which} has integer dtype {value.dtype}, but the model observes it "
+                                 f"at site {name!r} with a continuous {type(site['fn']).__name__}: pass "
+                                 "float data (x.float()); integer data suit discrete sites (Categorical, "
+                                 "Poisson, ...)")
+            continue
+        if site["infer"].get("enumerate"):
             continue
         if name not in guide_trace.nodes:
             raise ValueError(f"the guide does not sample the model's latent site {name!r}: its values "
@@ -132,7 +152,7 @@ def check_sites(model_trace, guide_trace):
 
 def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", lr=None,
         lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, val_data=None, patience=None,
-        tol_rel_obj=None, callbacks=(), transform=None, device="auto", seed=None, progress=True,
+        tol_rel_obj=None, until=None, callbacks=(), transform=None, device="auto", seed=None, progress=True,
         checkpoint=None, resume=False, compile="auto", options=None):
     """Fit ``guide`` to the posterior of ``model`` given ``data`` by maximising the ELBO.
 
@@ -153,14 +173,22 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         lr_schedule: ``"cosine"``, ``"exponential"`` or ``optimizer -> scheduler``, stepped
             every step (:func:`vi_toolkit.optim.make_scheduler`).
         batch_size: minibatch size (``None``: full batch).
-        num_epochs: passes over the data (default 10).
-        num_steps: optimisation steps instead (full batch: default 1000).
+        num_epochs: passes over the data (default 10; with ``until``, the budget: default 1000).
+        num_steps: optimisation steps instead (full batch: default 1000; with ``until``, the
+            budget: default 100,000).
         val_data: held-out data of the same structure; its ELBO per point is recorded
             each epoch.
         patience: stop after that many epochs without improvement of the held-out ELBO and
             restore the best parameters (:class:`~vi_toolkit.callbacks.EarlyStopping`).
         tol_rel_obj: stop when the relative change of the loss falls below this
             (:class:`~vi_toolkit.callbacks.Convergence`, as Stan's ADVI).
+        until: ``"converged"``: run until the averaged iterates are accurate, within the
+            budget ``num_epochs`` or ``num_steps``: stationarity by split R-hat, Polyak-Ruppert
+            averaging, the Monte Carlo standard error of the average, the learning rate halved
+            at each stationary phase (:class:`~vi_toolkit.stationarity.Stationarity`, or pass
+            one with other settings). The fit ends with the averaged parameters,
+            ``result.diagnostics`` says whether it converged and why not, and a fit that did not
+            warns. The learning rate is its own: no ``lr_schedule``.
         callbacks: :class:`~vi_toolkit.callbacks.Callback` objects (hooks at the start, after
             each step, after each epoch, at the end) or functions ``event -> bool`` called each
             epoch (true stops the fit).
@@ -227,14 +255,21 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         raise ValueError(f"validate must be True, False or 'first', got {opts.validate!r}")
     if transform is not None and not callable(transform):
         raise ValueError(f"transform must be a callable list of tensors -> list, got {transform!r}")
+    if until == "converged":
+        until = Stationarity()
+    if until is not None and not isinstance(until, Stationarity):
+        raise ValueError(f"until must be 'converged' or a vi_toolkit.stationarity.Stationarity, got {until!r}")
+    if until is not None and lr_schedule is not None:
+        raise ValueError("until='converged' sets the learning rate itself (it halves it after each "
+                         "stationary phase): leave lr_schedule at None")
     minibatch = batch_size is not None and batch_size < n
     if minibatch:
         steps_per_epoch = n // batch_size if opts.drop_last else math.ceil(n / batch_size)
-        total = num_steps or (num_epochs or 10) * steps_per_epoch
+        total = num_steps or (num_epochs or (10 if until is None else 1000)) * steps_per_epoch
         log_every = log_every or min(steps_per_epoch, 100)
     else:
         steps_per_epoch = 1
-        total = num_steps or num_epochs or 1000
+        total = num_steps or num_epochs or (1000 if until is None else 100_000)
         log_every = log_every or max(1, min(100, total // 20))
     if strategy.world > 1:
         smallest = n
@@ -249,22 +284,22 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     user_callbacks = as_callbacks(callbacks)
     compiled, not_compiled = compile_plan(compile, total_steps=total, validate=opts.validate,
                                           callbacks=user_callbacks)
+    user_pair = (model, guide)
     for cb in user_callbacks:
         model, guide = cb.wrap(model, guide)
     pass_num_data = accepts_keyword(model, "num_data")
     if pass_num_data and not accepts_keyword(guide, "num_data"):
         raise ValueError("the guide must take the same arguments as the model, including "
                          "the keyword num_data (see vi_toolkit.plates)")
-    if (minibatch or strategy.world > 1) and not pass_num_data:
-        what = ("minibatching (batch_size < number of data points)" if minibatch
-                else "a distributed fit (each process fits a part of the data)")
+    if strategy.world > 1 and not pass_num_data:
+        what = "a distributed fit (each process fits a part of the data)"
         raise ValueError(f"{what} needs a model that takes the keyword num_data and opens its "
                          "data plate with vi_toolkit.data_plate(x, num_data), so local terms are "
                          "scaled by N/B (see vi_toolkit.plates)")
     elbo_args = dict(num_particles=num_particles, vectorize_particles=opts.vectorize_particles,
                      max_plate_nesting=opts.max_plate_nesting)
     make_elbo(elbo, **elbo_args) if isinstance(elbo, str) else make_elbo(elbo)  # fail early
-    builtin = []
+    builtin = [] if until is None else [until]  # first: checkpoints at the end hold the average
     if patience is not None:
         if val is None:
             raise ValueError("patience (early stopping) needs val_data to watch")
@@ -292,8 +327,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
         "seed": seed, "drop_last": opts.drop_last, "device": str(dev),
         "vectorize_particles": opts.vectorize_particles, "validate": opts.validate,
-        "data_fingerprint": fit_data.fingerprint(),
+        "data_fingerprint": fit_data.fingerprint(), "passes_num_data": pass_num_data,
         "watch": ["elbo"] + (["val_elbo"] if val is not None else []),
+        "until": None if until is None else "converged",
         "compile": {"requested": compile, "used": False, "reason": not_compiled, "seconds": 0.0, "graphs": 0},
     }
     if strategy.world > 1:
@@ -320,9 +356,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
                         steps_per_epoch=steps_per_epoch, log_every=log_every,
                         drop_last=opts.drop_last, val_batch_size=opts.val_batch_size or batch_size or n,
                         transform=transform, callbacks=user_callbacks + builtin, config=config,
-                        call_args=call_args)
+                        call_args=call_args, user_pair=user_pair)
             guide_trace, model_trace = loop.trace_first_batch()
-            check_sites(model_trace, guide_trace)
+            check_sites(model_trace, guide_trace, fit_data)
             enumerated = any(site["type"] == "sample" and site["infer"].get("enumerate")
                              for tr in (guide_trace, model_trace) for site in tr.nodes.values())
             objective = (make_elbo(elbo, enumerated=enumerated, **elbo_args) if isinstance(elbo, str)

@@ -6,13 +6,22 @@
 * :func:`hmm_init`: an HMM's initial distribution pi uniform, transitions A = 0.5 I + 0.5/K
   (states persist); Gaussian emissions from k-means on all observed steps, categorical ones
   from the overall frequencies of the codes, each state's perturbed by a seeded Dirichlet
-  draw so that no two states start equal.
+  draw so that no two states start equal;
+* :func:`discriminant_init`: a linear discriminant's class locations from the labelled class
+  means, classes without labels taking k-means centres farthest first from those already
+  chosen; every point then gets a class (its label, or the nearest location), and the
+  proportions and the pooled within-class covariance come from those classes;
+* :func:`bayesnet_init`: every CPT row the mean of the uniform distribution and a seeded Dir(1)
+  draw, so that no two states of a latent node start equal (equal states would be a saddle
+  point the gradient never leaves).
 """
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from .models.bayesnet import BayesianNetwork
+from .models.discriminant import LinearDiscriminant
 from .models.hmm import length_mask
 
 
@@ -58,4 +67,52 @@ def hmm_init(hmm, sequences, lengths, *, seed=0):
         noise = -torch.rand(K, hmm.C, generator=gen).log()  # Exp(1): normalised, a Dir(1) draw
         init["emission_probs"] = freq * (noise / noise.sum(-1, keepdim=True) + 1.0 / hmm.C)
         init["emission_probs"] /= init["emission_probs"].sum(-1, keepdim=True)
+    return init
+
+
+def discriminant_init(lda: LinearDiscriminant, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor,
+                      *, seed: int = 0) -> dict:
+    """Initial ``params`` for ``lda`` from the data (see the module docstring).
+
+    Args:
+        lda: the model.
+        x, y, labelled: the data, as ``vi_toolkit.models.discriminant.label_data`` builds it.
+        seed: the k-means seed (used when some class has no labelled point).
+
+    Returns:
+        ``weights``, ``locs``, ``scales`` and ``corr_cholesky`` (the identity for D = 1 too).
+    """
+    lda.check(x, y, labelled)
+    x = x.detach().cpu().to(torch.get_default_dtype())
+    y, labelled = y.cpu(), labelled.cpu()
+    K, D = lda.K, lda.D
+    counts = torch.bincount(y[labelled], minlength=K)
+    locs = torch.zeros(K, D).index_add_(0, y[labelled], x[labelled]) / counts.clamp_min(1).unsqueeze(-1)
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        centres = kmeans_init(x, K, seed=seed)["locs"]
+        chosen = locs[counts > 0]
+        for k in missing:  # the centre farthest from the locations chosen so far
+            far = torch.cdist(centres, chosen).min(-1).values.argmax() if len(chosen) else 0
+            locs[k] = centres[far]
+            chosen = torch.cat([chosen, centres[far].unsqueeze(0)])
+            centres = torch.cat([centres[:far], centres[far + 1:]])
+    classes = torch.where(labelled, y, torch.cdist(x, locs).argmin(-1))
+    n = torch.bincount(classes, minlength=K).to(x.dtype)
+    residual = x - locs[classes]
+    cov = residual.T @ residual / len(x) + 1e-6 * x.var(0).clamp_min(1e-12).diag()
+    scales = cov.diagonal().sqrt()
+    corr = cov / (scales.unsqueeze(-1) * scales)
+    return {"weights": (n + 1) / (n + 1).sum(), "locs": locs, "scales": scales,
+            "corr_cholesky": torch.linalg.cholesky(corr)}
+
+
+def bayesnet_init(net: BayesianNetwork, *, seed: int = 0) -> dict:
+    """Initial CPTs ``{name: CPT}`` for ``net`` (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    init = {}
+    for node in net.nodes:
+        shape = net.cpt_shape(node.name)
+        draw = -torch.rand(shape, generator=generator).log()  # Exp(1); normalised, a Dir(1) draw
+        init[node.name] = 0.5 * (draw / draw.sum(-1, keepdim=True) + 1.0 / node.cardinality)
     return init

@@ -36,6 +36,9 @@ class _RecordLogger(Callback):
                 "lr": state.history["lr"][-1] if state.history["lr"] else None,
                 "points_per_second": rate}
 
+    def on_fit_end(self, state):
+        self.close()
+
 
 class CSVLogger(_RecordLogger):
     """Append one row a record to the CSV file ``path`` (see the module)."""
@@ -57,9 +60,6 @@ class CSVLogger(_RecordLogger):
         if self.file is not None:
             self.writer.writerow({k: "" if v is None else v for k, v in row.items()})
             self.file.flush()
-
-    def on_fit_end(self, state):
-        self.close()
 
     def close(self):
         if self.file is not None:
@@ -91,9 +91,6 @@ class TensorBoardLogger(_RecordLogger):
             if row[key] is not None:
                 self.writer.add_scalar(key, row[key], global_step=row["step"])
         self.writer.flush()
-
-    def on_fit_end(self, state):
-        self.close()
 
     def close(self):
         if self.writer is not None:

@@ -24,6 +24,7 @@ import time
 import warnings
 
 import pyro
+import pyro.poutine as poutine
 import torch
 
 from .callbacks import FitState
@@ -45,8 +46,9 @@ class Loop:
 
     def __init__(self, model, guide, data, *, val_data, step_fn, strategy, elbo, batch_size,
                  total_steps, steps_per_epoch, log_every, drop_last, val_batch_size, transform,
-                 callbacks, config, call_args):
+                 callbacks, config, call_args, user_pair=None):
         self.model, self.guide, self.data, self.val = model, guide, data, val_data
+        self.user_pair = user_pair or (model, guide)  # as given, before callbacks wrapped them
         self.step_fn, self.strategy, self.elbo = step_fn, strategy, elbo
         self.batch_size, self.total_steps, self.steps_per_epoch = batch_size, total_steps, steps_per_epoch
         self.minibatch = batch_size < data.num_data
@@ -112,15 +114,41 @@ class Loop:
             with torch.no_grad(), pyro.validation_enabled(self.config["validate"] is not False):
                 guide_trace, model_trace = trace_pair(self.model, self.guide, args, kwargs)
         except ValueError as err:
-            raise ValueError(f"{err} (on the first batch of data: {describe_tensors(tensors)})") from err
+            mismatch = _shape_mismatch(self.model, self.guide, args, kwargs)
+            if mismatch:
+                raise ValueError(mismatch) from err
+            hint = "".join(
+                f"; {label} has integer dtype {t.dtype}: if the model observes real values there, "
+                "pass float data (x.float())" for label, t in zip(self.data.labels(), tensors)
+                if not (t.is_floating_point() or t.is_complex()))
+            raise ValueError(f"{err} (on the first batch of data: {describe_tensors(tensors)}){hint}") from err
+        frames = {(f.name, f.full_size or f.size, f.size) for site in model_trace.nodes.values()
+                  if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized}
+        n, b = self.data.num_data, tensors[0].shape[0]
         if self.minibatch or self.strategy.world > 1:
-            sizes = {f.full_size or f.size for site in model_trace.nodes.values()
-                     if site["type"] == "sample" for f in site["cond_indep_stack"]}
-            if self.data.num_data not in sizes:
+            if not self.config["passes_num_data"] and not any(
+                    full == n and size == b for _, full, size in frames):
+                raise ValueError(
+                    "minibatching (batch_size < number of data points) needs a model that takes the "
+                    "keyword num_data and opens its data plate with vi_toolkit.data_plate(x, num_data), "
+                    f"or a plate of full size {n} over the batch (pyro.plate(name, {n}, "
+                    f"subsample_size={b})), so local terms are scaled by N/B (see vi_toolkit.plates)")
+            if n not in {full for _, full, _ in frames}:
                 raise ValueError(
                     f"minibatching: no plate in the model has size num_data="
-                    f"{self.data.num_data}, so its local terms would not be scaled by N/B; "
+                    f"{n}, so its local terms would not be scaled by N/B; "
                     "open the data plate with vi_toolkit.data_plate(x, num_data)")
+        elif frames and n not in {full for _, full, _ in frames}:
+            sizes = ", ".join(f"{name!r} of size {full}" for name, full, _ in sorted(frames))
+            warnings.warn(f"data: dimension 0 holds {n} points, but no plate of the model has that "
+                          f"size (its plates: {sizes}); the toolkit takes dimension 0 as the data "
+                          "points, so the ELBO per point, minibatches and held-out evaluation would "
+                          "count the wrong thing: put the data points on dimension 0", stacklevel=3)
+        nested = _nested_data_plate(model_trace, tensors)
+        if nested:
+            warnings.warn(f"data: {nested}; the toolkit takes dimension 0 as the data points, so the "
+                          "ELBO per point, minibatches and held-out evaluation would count the wrong "
+                          "thing: put the data points on dimension 0 (e.g. data.T)", stacklevel=3)
         for p in pyro.get_param_store().values():
             if p.device != self.device:
                 p.data = p.data.to(self.device)
@@ -201,7 +229,8 @@ class Loop:
         probe = self.data.head(PROBE_POINTS)
         probe = {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else (
             probe.cpu() if torch.is_tensor(probe) else tuple(t.cpu() for t in probe))
-        return FitResult(self.model, self.guide, {k: list(v) for k, v in self.history.items()},
+        model, guide = self.user_pair  # as the user gave them, without the callbacks' handlers
+        return FitResult(model, guide, {k: list(v) for k, v in self.history.items()},
                          dict(self.config), capture_state(self.model, self.guide), self.device,
                          self.state.stopped, probe=probe)
 
@@ -236,11 +265,9 @@ class Loop:
         last = self.history["elbo"][-1] if self.history["elbo"] else None
         last_text = "none yet" if last is None else f"{last:.6g} per data point"
         where = f"; offending: {site}" if site else ""
-        advice = "Lower lr, set clip_norm, or check the model's scales."
-        if site and site.startswith("parameter"):
-            advice = ("A parameter left its support: constrain it (pyro.param(..., constraint=)) or "
-                      "project it after every update with a callback's on_step_end; or lower lr / "
-                      "set clip_norm.")
+        advice = ("Lower lr, set clip_norm, or check the model's scales; if a parameter left its "
+                  "support (a scale below zero), constrain it (pyro.param(..., constraint=...)) or "
+                  "project it after every update in a Callback.on_step_end.")
         raise DivergenceError(
             f"the loss became NaN or infinite at step {step}{where}. The last finite ELBO was "
             f"{last_text}; the fit's parameters are restored to step {self.step} (the error's "
@@ -274,7 +301,6 @@ class Loop:
         if val is not None:
             h["val_elbo"].append(val)
         self.state.elbo, self.state.val_elbo = elbo, val
-        self.step_fn.end_epoch()
         self.call("on_epoch_end", "the end of an epoch")
 
     def call(self, hook, when):
@@ -323,6 +349,7 @@ class Loop:
                 self.step += 1
                 if end_of_epoch:
                     self.epoch += 1
+                    self.step_fn.end_epoch()
                 self.call("on_step_end", f"step {self.step}")
                 last = self.step == self.total_steps or self.state.stopped is not None
                 record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
@@ -350,6 +377,46 @@ class Loop:
         self.state.stopped = self.state.stopped or "max steps"
         self.call("on_fit_end", "the end")
         return self.result()
+
+
+def _shape_mismatch(model, guide, args, kwargs):
+    """After a failed paired trace: a guide site whose shape does not fit the model's prior draw
+    of the same site (the model then fails at a later site, which would be named instead)."""
+    try:
+        with torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            prior_trace = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
+    except Exception:
+        return None
+    for name, site in guide_trace.nodes.items():
+        prior = prior_trace.nodes.get(name)
+        if site["type"] != "sample" or prior is None or prior["is_observed"]:
+            continue
+        if tuple(site["value"].shape) != tuple(prior["value"].shape):
+            return (f"guide site {name!r} has shape {tuple(site['value'].shape)}, but the model's "
+                    f"{name!r} has shape {tuple(prior['value'].shape)}")
+    return None
+
+
+def _nested_data_plate(model_trace, tensors):
+    """Where an observed data tensor's dimension 0 is a plate nested inside a plate over another
+    of its dimensions (Pyro's LDA lays words x documents so), say so; else ``None``."""
+    for name, site in model_trace.nodes.items():
+        value = site.get("value")
+        if site["type"] != "sample" or not site["is_observed"] or not torch.is_tensor(value):
+            continue
+        if not any(value is t or (value.shape == t.shape and value.data_ptr() == t.data_ptr())
+                   for t in tensors):
+            continue
+        batch_dims = value.dim() - site["fn"].event_dim
+        frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+        first = next((i for i, f in enumerate(frames) if f.dim == -batch_dims), None)
+        if first:  # an outer plate exists over another dimension
+            outer, inner = frames[0], frames[first]
+            return (f"at site {name!r} dimension 0 is plate {inner.name!r} (size {inner.size}), nested "
+                    f"inside plate {outer.name!r} (size {outer.size}) over dimension "
+                    f"{batch_dims + outer.dim}")
+    return None
 
 
 def device_context(device):

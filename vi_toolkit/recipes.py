@@ -5,19 +5,44 @@
   MAP guide by L-BFGS (the objective is deterministic), the mean-field guide by Adam;
 * :func:`select_K`: K = 1..Kmax, each scored on held-out data, K chosen by the one-SE rule;
 * :func:`fit_hmm`: an HMM (``vi_toolkit.models.hmm``) by MAP from ``restarts``
-  initialisations (:func:`vi_toolkit.initialization.hmm_init`), L-BFGS to a relative tolerance.
+  initialisations (:func:`vi_toolkit.initialization.hmm_init`), L-BFGS to a relative tolerance;
+* :func:`fit_discriminant`: linear discriminant analysis (``vi_toolkit.models.discriminant``)
+  by MAP, supervised, unsupervised or semi-supervised;
+* :func:`fit_bayesnet`: a discrete Bayesian network's CPTs (``vi_toolkit.models.bayesnet``) by MAP.
+
+Each keeps the best training ELBO of its restarts (:func:`best_of`): with latent classes or
+states the likelihood has several local maxima, as for EM.
 """
 
+import torch
+
 from .engine import fit
+from .guides import bayesnet as bayesnet_guides
+from .guides import discriminant as discriminant_guides
 from .guides.gmm import GUIDES
 from .guides.hmm import MAPGuide as HMMMAPGuide
-from .initialization import hmm_init, kmeans_init
+from .initialization import bayesnet_init, discriminant_init, hmm_init, kmeans_init
+from .models.bayesnet import BayesianNetwork
+from .models.discriminant import LinearDiscriminant
 from .models.gmm import GaussianMixture
+from .traces import positive_int
 
 # the MAP objective is deterministic: L-BFGS converges in tens of steps where Adam takes
 # hundreds; the mean-field ELBO is a Monte Carlo estimate, so Adam
 FIT_DEFAULTS = {"map": {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 50, "tol_rel_obj": 1e-7},
                 "meanfield": {"optimizer": "adam", "lr": 0.05, "num_steps": 800}}
+
+
+def best_of(restarts, seed, make_guide, model, data, **options):
+    """``(result, guide)`` of the best training ELBO among fits from ``make_guide(seed + r)``,
+    r = 0 .. restarts - 1, each fit seeded ``seed + r``; ``options`` go to :func:`vi_toolkit.fit`."""
+    best = None
+    for r in range(positive_int(restarts, "restarts")):
+        guide = make_guide(seed + r)
+        result = fit(model, guide, data, seed=seed + r, **options)
+        if best is None or result.elbo > best[0].elbo:
+            best = (result, guide)
+    return best
 
 
 def fit_gmm(mixture, x, *, guide="map", restarts=1, seed=0, val_x=None, **options):
@@ -31,16 +56,9 @@ def fit_gmm(mixture, x, *, guide="map", restarts=1, seed=0, val_x=None, **option
         mixture.check(val_x, "val_x")
     if guide not in GUIDES:
         raise ValueError(f"guide must be one of {sorted(GUIDES)}, got {guide!r}")
-    if not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
     options = {"progress": False, **FIT_DEFAULTS[guide], **options}
-    best = None
-    for r in range(restarts):
-        g = GUIDES[guide](mixture, kmeans_init(x, mixture.K, seed=seed + r))
-        result = fit(mixture.model, g, x, val_data=val_x, seed=seed + r, **options)
-        if best is None or result.elbo > best[0].elbo:
-            best = (result, g)
-    return best
+    return best_of(restarts, seed, lambda s: GUIDES[guide](mixture, kmeans_init(x, mixture.K, seed=s)),
+                   mixture.model, x, val_data=val_x, **options)
 
 
 def select_K(x, val_x, Kmax, *, covariance="diag", **options):
@@ -78,14 +96,81 @@ def fit_hmm(hmm, sequences, lengths, *, seed=0, restarts=1, optimizer="lbfgs", l
     less than ``tol_rel_obj`` (relative) between steps. Returns ``(result, guide)``;
     ``guide.point_estimate(result)`` gives theta_hat. ``options`` go to :func:`vi_toolkit.fit`.
     """
-    if not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
     options.setdefault("progress", False)
-    best = None
-    for r in range(restarts):
-        guide = HMMMAPGuide(hmm, hmm_init(hmm, sequences, lengths, seed=seed + r))
-        result = fit(hmm.model, guide, (sequences, lengths), optimizer=optimizer, lr=lr,
-                     num_steps=num_steps, tol_rel_obj=tol_rel_obj, seed=seed + r, **options)
-        if best is None or result.elbo > best[0].elbo:
-            best = (result, guide)
-    return best
+    return best_of(restarts, seed, lambda s: HMMMAPGuide(hmm, hmm_init(hmm, sequences, lengths, seed=s)),
+                   hmm.model, (sequences, lengths), optimizer=optimizer, lr=lr, num_steps=num_steps,
+                   tol_rel_obj=tol_rel_obj, **options)
+
+
+# the MAP objective is deterministic and smooth: full-batch L-BFGS, whose every step (up to 20
+# line-searched iterations) is worth a convergence check (log_every=1: 4 to 6 steps, not 20)
+DISCRIMINANT_DEFAULTS = {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 100, "tol_rel_obj": 1e-8, "progress": False,
+                "options": {"log_every": 1}}
+
+
+def fit_discriminant(lda: LinearDiscriminant, data: tuple, *, restarts: int = 1, seed: int = 0,
+                     val_data: tuple | None = None, **options) -> tuple:
+    """Fit ``lda`` by MAP to ``data = (x, y, labelled)``; keep the best ELBO of ``restarts`` fits.
+
+    Args:
+        lda: the model.
+        data: ``(x, y, labelled)``, as ``vi_toolkit.models.discriminant.label_data`` builds it.
+        restarts: fits from the k-means seedings ``seed``, ``seed + 1``, ...; they differ only
+            where some class has no labelled point, so otherwise one fit is made.
+        seed: the first seed (of k-means and of the fit).
+        val_data: held-out data of the same structure.
+        **options: passed to :func:`vi_toolkit.fit` (defaults: ``DISCRIMINANT_DEFAULTS``).
+
+    Returns:
+        ``(result, guide)``; ``guide.point_estimate(result)`` gives theta_hat.
+
+    Raises:
+        ValueError: if ``data`` or ``val_data`` is not such a tuple or does not fit ``lda``, or
+            ``restarts`` is not a positive integer.
+    """
+    for value, name in ((data, "data"), (val_data, "val_data")):
+        if value is not None and (not isinstance(value, tuple) or len(value) != 3):
+            raise ValueError(f"{name} must be the tuple (x, y, labelled) of label_data")
+    lda.check(*data)
+    if val_data is not None:
+        lda.check(*val_data, name="val_data[0]")
+    positive_int(restarts, "restarts")
+    _, y, labelled = data
+    if bool(torch.bincount(y[labelled], minlength=lda.K).all()):
+        restarts = 1  # the initialisation does not depend on the seed
+    options = {**DISCRIMINANT_DEFAULTS, **options}
+    return best_of(restarts, seed, lambda s: discriminant_guides.MAPGuide(lda, discriminant_init(lda, *data, seed=s)),
+                   lda.model, data, val_data=val_data, **options)
+
+
+# the MAP objective is deterministic and smooth: full-batch L-BFGS, whose every step (up to 20
+# line-searched iterations) is worth a convergence check (log_every=1: 4 to 6 steps, not 20)
+BAYESNET_DEFAULTS = {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 100, "tol_rel_obj": 1e-8, "progress": False,
+                "options": {"log_every": 1}}
+
+
+def fit_bayesnet(net: BayesianNetwork, data: dict, *, restarts: int = 1, seed: int = 0,
+                 val_data: dict | None = None, **options) -> tuple:
+    """Fit ``net``'s CPTs by MAP to ``data`` (the observed nodes); keep the best of ``restarts`` fits.
+
+    Args:
+        net: the network.
+        data: ``{name: (N,) integer tensor}`` for exactly the observed nodes.
+        restarts: fits from the initialisations ``bayesnet_init(net, seed=seed + r)``.
+        seed: the first seed (of the initialisation and of the fit).
+        val_data: held-out data of the same structure.
+        **options: passed to :func:`vi_toolkit.fit` (defaults: ``BAYESNET_DEFAULTS``).
+
+    Returns:
+        ``(result, guide)``; ``guide.point_estimate(result)`` gives the CPTs.
+
+    Raises:
+        ValueError: naming the node, if the data do not fit ``net``; or if ``restarts`` is not
+            a positive integer.
+    """
+    net.check(data)
+    if val_data is not None:
+        net.check(val_data)
+    options = {**BAYESNET_DEFAULTS, **options}
+    return best_of(restarts, seed, lambda s: bayesnet_guides.MAPGuide(net, bayesnet_init(net, seed=s)),
+                   net.model, data, val_data=val_data, **options)

@@ -27,6 +27,7 @@ import math
 import os
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Predictive
 
@@ -91,10 +92,21 @@ class FitResult:
 
     @property
     def params(self) -> dict:
-        """Constrained values of every parameter in Pyro's store, by name (detached copies)."""
+        """Constrained values of every parameter, by name (detached copies): Pyro's store, and
+        with ``pyro.settings.set(module_local_params=True)`` the parameters that ``PyroModule``
+        models and guides keep in themselves, as ``"model.<name>"``/``"guide.<name>"``."""
         with self.scope():
             store = pyro.get_param_store()
-            return {name: store[name].detach().clone() for name in store.keys()}
+            params = {name: store[name].detach().clone() for name in store.keys()}
+            if pyro.settings.get("module_local_params"):
+                for role, module in modules_of(self.model, self.guide).items():
+                    for name, p in module.named_parameters():
+                        if name.endswith("_unconstrained"):  # a PyroParam: its constrained value
+                            owner, _, attr = name[:-len("_unconstrained")].rpartition(".")
+                            p = getattr(module.get_submodule(owner) if owner else module, attr)
+                            name = name[:-len("_unconstrained")]
+                        params[f"{role}.{name}"] = p.detach().clone()
+            return params
 
     @property
     def elbo(self) -> float:
@@ -107,6 +119,13 @@ class FitResult:
         values = self.history.get("val_elbo")
         return values[-1] if values else None
 
+    @property
+    def diagnostics(self) -> dict:
+        """The convergence report of a fit run ``until="converged"`` (``{}`` for other fits):
+        ``converged``, ``reason`` (why not), and the split R-hat, Monte Carlo standard error and
+        learning rate of each stationary phase (:mod:`vi_toolkit.stationarity`)."""
+        return self.config.get("convergence", {})
+
     # -- the posterior -----------------------------------------------------------------
     def _on_device(self, args, kwargs):
         move = lambda v: v.to(self.device) if torch.is_tensor(v) else v  # noqa: E731
@@ -116,12 +135,12 @@ class FitResult:
         with self.scope(), torch.no_grad(), _device(self.device):
             return trace_pair(self.model, self.guide, *self._on_device(args, kwargs))
 
-    def _predictive(self, num_samples, args, kwargs, sites):
+    def _predictive(self, num_samples, args, kwargs, sites, model=None):
         """Draws of ``sites`` (``{name: shape of one draw}``), each ``(S, *shape)``."""
         num_samples = positive_int(num_samples, "num_samples")
         args, kwargs = self._on_device(args, kwargs)
         with self.scope(), torch.no_grad(), _device(self.device):
-            predictive = Predictive(self.model, guide=self.guide, num_samples=num_samples,
+            predictive = Predictive(model or self.model, guide=self.guide, num_samples=num_samples,
                                     return_sites=list(sites), parallel=False)
             draws = predictive(*args, **kwargs)
         # Pyro aligns each site to the plates (a global scalar comes as (S, 1)): undo that
@@ -153,8 +172,8 @@ class FitResult:
     def predictive(self, num_samples: int, *args, return_sites=None, **kwargs) -> dict:
         """Posterior predictive draws: z ~ q(z | x), then every site of the model given z.
 
-        Observed sites are drawn anew from p(x | z) (pass ``None`` for an observed argument
-        to draw without data); ``return_sites`` restricts the sites (default: all sample and
+        Observed sites are drawn anew from p(x | z) (their data are ignored: Pyro's
+        ``poutine.uncondition``), so the draws are replicates x^rep of the data; ``return_sites`` restricts the sites (default: all sample and
         deterministic sites of the model). Uses Pyro's ``Predictive``.
         """
         _, model_trace = self._traces(args, kwargs)
@@ -164,7 +183,7 @@ class FitResult:
         if unknown:
             raise ValueError(f"return_sites: the model has no sample site(s) {unknown}; it has {sorted(shapes)}")
         sites = shapes if return_sites is None else {k: shapes[k] for k in return_sites}
-        return self._predictive(num_samples, args, kwargs, sites)
+        return self._predictive(num_samples, args, kwargs, sites, model=poutine.uncondition(self.model))
 
     def _guide_summary(self, what, call):
         if not callable(getattr(self.guide, what, None)):
@@ -210,13 +229,10 @@ class FitResult:
             except ValueError as err:
                 spec[role] = None
                 notes.append(f"{err}; pass {role}=... to vi_toolkit.load")
-        with self.scope():
-            params = _clone(fit_parameters(self.model, self.guide))
-            buffers = {role: _clone(dict(m.named_buffers()))
-                       for role, m in modules_of(self.model, self.guide).items()}
-        save_checkpoint(path, {"kind": RESULT_FORMAT, "spec": spec, "notes": notes, "params": params,
-                               "buffers": buffers, "config": self.config, "history": self.history,
-                               "stopped": self.stopped, "probe": self.probe})
+        save_checkpoint(path, {"kind": RESULT_FORMAT, "spec": spec, "notes": notes,
+                               "store": {k: v.detach() for k, v in self.state["store"]["params"].items()},
+                               "modules": self.state["modules"], "config": self.config,
+                               "history": self.history, "stopped": self.stopped, "probe": self.probe})
         return notes
 
     def __repr__(self):
@@ -253,7 +269,10 @@ def restore(model, guide, probe, state, source, device):
         args, kwargs = probe.call_args(probe.tensors, num_data)
         with torch.no_grad(), _device(device):
             trace_pair(model, guide, args, kwargs)
-        params, saved = fit_parameters(model, guide), state["params"]
+        if "store" in state:  # a saved fit: the store's unconstrained values, the modules' states
+            params, saved = dict(store.named_parameters()), state["store"]
+        else:  # a checkpoint: parameters by the names a fit gives them
+            params, saved = fit_parameters(model, guide), state["params"]
         missing, extra = set(params) - set(saved), set(saved) - set(params)
         if missing or extra:
             raise ValueError(f"{source} does not match this model and guide "
@@ -265,6 +284,11 @@ def restore(model, guide, probe, state, source, device):
                                      f"{tuple(saved[name].shape)}, the model's has {tuple(p.shape)}")
                 p.copy_(saved[name])
             for role, module in modules.items():
+                if "modules" in state:
+                    try:
+                        module.load_state_dict(state["modules"][role])
+                    except (KeyError, RuntimeError) as err:
+                        raise ValueError(f"{source}: the {role}'s weights do not fit it: {err}") from err
                 for n, buf in module.named_buffers():
                     if n in state.get("buffers", {}).get(role, {}):
                         buf.copy_(state["buffers"][role][n])

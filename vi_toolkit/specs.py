@@ -5,8 +5,9 @@ storable in a file read with ``torch.load(weights_only=True)``. :func:`spec_of` 
 
 * for an instance of a class that derives from :class:`Rebuildable` (every model and guide
   class of the toolkit does; user classes can too), from the arguments it was built with;
-* for a function defined at the top level of an importable module, and a
-  ``functools.partial`` of one with storable keywords;
+* for a function defined at the top level of an importable module, a
+  ``functools.partial`` of one with storable keywords, and a method of a rebuildable object
+  (``GaussianMixture(3, 2).model``);
 * for Pyro's autoguides, from their class and their model (their other constructor
   arguments only initialise parameters, whose fitted values are stored beside the spec).
 
@@ -22,6 +23,8 @@ import numbers
 
 import torch
 from pyro.infer.autoguide import AutoGuide
+
+from .traces import unwrapped
 
 _PLAIN = (str, bool, numbers.Number, type(None))
 
@@ -74,13 +77,15 @@ def spec_of(obj, where="object"):
                 "kwargs": {k: _storable(v, f"{where} argument {k!r}") for k, v in kwargs.items()}}
     if isinstance(obj, AutoGuide):
         return {"target": _import_path(type(obj), where),
-                "args": [_storable(obj.model, f"{where}'s model")], "kwargs": {}}
+                "args": [_storable(unwrapped(obj.model), f"{where}'s model")], "kwargs": {}}
     if isinstance(obj, functools.partial):
         spec = spec_of(obj.func, where)
         spec["args"] = [_storable(a, f"{where} argument {i}") for i, a in enumerate(obj.args)]
         spec["kwargs"] = {k: _storable(v, f"{where} argument {k!r}") for k, v in obj.keywords.items()}
         spec["partial"] = True
         return spec
+    if inspect.ismethod(obj):  # a model's method, e.g. GaussianMixture(...).model
+        return {"method": obj.__name__, "of": spec_of(obj.__self__, where)}
     if inspect.isfunction(obj):
         return {"target": _import_path(obj, where), "args": [], "kwargs": {}}
     raise ValueError(f"{where}: a {type(obj).__name__} records no constructor arguments; derive its "
@@ -99,6 +104,8 @@ def _built(value):
 
 def build(spec):
     """The object ``spec`` (from :func:`spec_of`) describes, built anew."""
+    if "method" in spec:
+        return getattr(build(spec["of"]), spec["method"])
     args, kwargs = _built(spec.get("args", [])), _built(spec.get("kwargs", {}))
     target = _resolve(spec["target"], "spec")
     if spec.get("partial"):

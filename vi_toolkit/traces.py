@@ -7,12 +7,14 @@ optimises and a result keeps), and the guide's trace with the model's trace repl
 against it, the pair every ELBO is computed from.
 """
 
+import functools
 import inspect
 import numbers
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 
 
@@ -26,9 +28,19 @@ def accepts_keyword(fn, keyword: str) -> bool:
     return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def unwrapped(fn):
+    """The callable inside the effect handlers ``fn`` is wrapped in (``handler(fn)``: an
+    autoguide's ``init_loc_fn``, a callback's messenger), or ``fn`` itself."""
+    while (isinstance(getattr(fn, "func", None), functools.partial) and len(fn.func.args) == 2
+           and isinstance(fn.func.args[0], Messenger)):
+        fn = fn.func.args[1]
+    return fn
+
+
 def modules_of(model, guide) -> dict:
-    """``{"model": model, "guide": guide}``, restricted to those that are ``nn.Module``\\ s."""
-    return {role: fn for role, fn in (("model", model), ("guide", guide))
+    """``{"model": model, "guide": guide}`` (inside any effect handlers), restricted to those that
+    are ``nn.Module``\\ s."""
+    return {role: fn for role, fn in (("model", unwrapped(model)), ("guide", unwrapped(guide)))
             if isinstance(fn, torch.nn.Module)}
 
 
