@@ -35,7 +35,7 @@ def sweep(x, args, values, setting):
         run_args = argparse.Namespace(**{**vars(args), "hidden": value}) if setting == "hidden" else args
         data = x[:value] if setting == "points" else x[:args.points]
         for name, run in IMPLEMENTATIONS.items():
-            seconds, _ = run(data, run_args, args.batch_size)
+            seconds = run(data, run_args, args.batch_size)[0]  # (seconds per epoch, ELBO, ...)
             curves[name].append(seconds)
             print(f"{setting}={value:<7} {name:<10} {seconds:8.3f} s/epoch", flush=True)
     return curves
