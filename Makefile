@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vi-toolkit demo --quick --out out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto  # one worker a core (pytest-xdist)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
