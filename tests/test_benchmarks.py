@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_quick(tmp_path, load_main, keep_threads, monkeypatch):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # benchmarks import each other
 
-    def run(script, *figures):
-        metrics = load_main(f"benchmarks/{script}")(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    def run(script, *figures, args=()):
+        metrics = load_main(f"benchmarks/{script}")(["--quick", "--out", str(tmp_path), "--device", "cpu", *args])
         for name in figures + ("metrics.json",):
             assert (tmp_path / name).stat().st_size > 0, name
         with open(tmp_path / "metrics.json") as f:
@@ -57,3 +57,15 @@ def test_gradient_estimators_stl_lowers_the_variance_and_dreg_keeps_the_encoder_
         assert metrics[f"stl_grad_variance_at_{fitted}_fit"] < metrics[f"trace_grad_variance_at_{fitted}_fit"]
     assert metrics["iwae-dreg_snr_k100"] > metrics["iwae_snr_k100"]
     assert metrics["iwae_snr_k100"] < metrics["iwae_snr_k1"]  # Rainforth et al.'s decay with K
+
+
+def test_small_models_do_equal_work_and_quick_waits_on_no_compiler(run_quick):
+    """The MAP mixture's objective is deterministic: fit, Pyro's loop and NumPyro, from the same
+    k-means start, reach the same -ELBO; --quick leaves out the compiled step."""
+    pytest.importorskip("numpyro")
+    metrics = run_quick("small_models.py", "ms_per_step.png", args=("--models", "gmm"))
+    reference = metrics["gmm_numpyro_neg_elbo"]
+    for impl in ("fit", "pyro_SVI"):
+        assert metrics[f"gmm_{impl}_neg_elbo"] == pytest.approx(reference, rel=1e-4), impl
+        assert metrics[f"gmm_{impl}_ms_per_step"] > 0
+    assert not any(key.startswith("gmm_fit_compiled") for key in metrics)

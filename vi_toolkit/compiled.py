@@ -1,4 +1,4 @@
-"""Compiled SVI: one training step traced once into a graph of tensor operations, compiled, replayed.
+"""Compiled SVI: a training step traced once into a graph of tensor operations, compiled, replayed.
 
 For a batch B and the fit's unconstrained parameters u (the values behind ``pyro.param``
 and the weights of the ``nn.Module``\\ s), one step of :mod:`vi_toolkit.step` computes
@@ -149,11 +149,12 @@ class _Substitute(TorchFunctionMode):
 
 class _UnmaskedDice(TorchFunctionMode):
     """Pyro's Dice estimator (enumerated sites) asks ``mask.all()`` whether any enumerated
-    probability is exactly 0, to drop those 0 * cost terms; traced, it is told no and takes the
-    plain sum, the same value and gradient wherever the costs are finite."""
+    probability is exactly 0, to drop those 0 * cost terms; traced, it is told that none is and
+    takes the plain sum, the same value and gradient wherever the costs are finite."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.__bool__ and sys._getframe(1).f_code is pyro.infer.util.Dice.compute_expectation.__code__:
+        caller = sys._getframe(1).f_code
+        if func is torch.Tensor.__bool__ and caller is pyro.infer.util.Dice.compute_expectation.__code__:
             return True
         return func(*args, **(kwargs or {}))
 
@@ -267,6 +268,46 @@ def _fork_rng(args, kwargs):
     return torch.random.fork_rng(devices=devices)
 
 
+def log1p_from_log(y: torch.Tensor) -> torch.Tensor:
+    """log(1 + y), computed from log: ``y log(u) / (u - 1)`` with u = 1 + y rounded, and y
+    where u rounds to 1 (a classic identity, accurate to a few ulps; infinite u stays).
+
+    The compiled graph uses it on the CPU for log1p, softplus and log-sigmoid (Bernoulli and
+    binary cross-entropy log-densities): torch's vectorised log1p took about 9x the time of
+    its log on the project's CPU (883 against 96 microseconds for 51,200 floats, one thread).
+    """
+    u = 1 + y
+    d = u - 1
+    return torch.where(d == 0, y, torch.where(torch.isinf(u), u, torch.log(u) * (y / d)))
+
+
+def _softplus(x, beta=1.0, threshold=20.0):
+    scaled = x * beta
+    return torch.where(scaled > threshold, x, log1p_from_log(torch.exp(scaled)) / beta)
+
+
+def _log_sigmoid(x):
+    return torch.minimum(x.new_zeros(()), x) - log1p_from_log(torch.exp(-torch.abs(x)))
+
+
+def _log_sigmoid_forward(x):  # the CPU kernel's buffer is exp(-|x|), which its backward reads
+    return _log_sigmoid(x), torch.exp(-torch.abs(x))
+
+
+def _bce_with_logits(x, target, weight=None, pos_weight=None, reduction=1):
+    log_weight = 1 if pos_weight is None else (pos_weight - 1) * target + 1
+    loss = (1 - target) * x - log_weight * _log_sigmoid(x)
+    loss = loss if weight is None else loss * weight
+    return loss if reduction == 0 else loss.mean() if reduction == 1 else loss.sum()
+
+
+# Forward passes traced as other operations on the CPU (their gradients are autograd's own)
+_CPU_DECOMPOSITIONS = {torch.ops.aten.log1p.default: log1p_from_log,
+                       torch.ops.aten.softplus.default: _softplus,
+                       torch.ops.aten.log_sigmoid_forward.default: _log_sigmoid_forward,
+                       torch.ops.aten.binary_cross_entropy_with_logits.default: _bce_with_logits}
+
+
 @torch.library.custom_op("vi_toolkit::inner_product", mutates_args=())
 def inner_product(x: torch.Tensor, w: torch.Tensor, b: "torch.Tensor | None") -> torch.Tensor:
     """x W^T + b by oneDNN (:mod:`vi_toolkit.linear`'s product), an opaque kernel to Inductor."""
@@ -324,7 +365,9 @@ class StepGraph:
         try:
             with torch.enable_grad(), pyro.validation_enabled(False), _traceable_pyro(), _fork_rng(args, kwargs), \
                     _fixed_parameters():
-                gm = make_fx(joint)(*[p.detach() for p in self.params], *tensors)
+                cuda = any(t.device.type == "cuda" for t in (*self.params, *tensors))
+                gm = make_fx(joint, None if cuda else _CPU_DECOMPOSITIONS)(*[p.detach() for p in self.params],
+                                                                           *tensors)
         except NotCompilable:
             raise
         except Exception as err:  # make_fx names the op that read a value back, or the failure
@@ -338,7 +381,7 @@ class StepGraph:
                                 "batch-norm statistics; a compiled graph would not")
         self.used = used
         self.grad_params = [p for p, u in zip(self.params, used) if u]
-        self.cuda = any(t.device.type == "cuda" for t in (*self.params, *tensors))
+        self.cuda = cuda
         if self.cuda:  # replayed as a CUDA graph (cudagraph trees)
             self.compiled = torch.compile(gm, fullgraph=True, dynamic=False,
                                           options={"triton.cudagraphs": True, **(options or {})})
