@@ -19,6 +19,9 @@ unconstrained values) and runs, at each learning rate, three steps:
    is near 1 when both halves fluctuate around the same value and large while the
    iterates still drift. The iterates are stationary once max_j R_j < ``rhat`` (1.1) on the
    whole phase, its last half or its last quarter (Dhaka et al. try several windows too).
+   The whole first phase is never a window: it starts from the initial values, and a
+   transient short against the window inflates the halves' variances W more than it
+   separates their means, so R-hat can miss it; later phases start from an average.
 
 2. **Polyak-Ruppert averaging.** From the start of that window on, the average of the
    iterates, phi_bar = 1/T sum_t phi_t, estimates the centre of the stationary process with
@@ -39,18 +42,24 @@ unconstrained values) and runs, at each learning rate, three steps:
        F_jj = E_q[(d log q(z; phi) / d phi_j)^2],
 
    estimated with the score of ``fisher_draws`` draws of the guide on the fit's first data
-   points. Then (1/2) sum_j F_jj MCSE_j^2 is the KL divergence that such an error costs, a
+   points, at the average so far (not at an iterate, whose q is off by its own fluctuation,
+   its correlations most: a full-rank Gaussian's iterate can be three times too narrow
+   conditionally), and measured again each time the averaged steps have grown by half.
+   Then (1/2) sum_j F_jj MCSE_j^2 is the KL divergence that such an error costs, a
    Gaussian guide's location error is in units of its standard deviation (more exactly of
    1/sqrt(precision_jj), the conditional standard deviation, which is never larger) and its
    log-scale error a relative error of the scale, as Dhaka et al. normalise a mean-field
    Gaussian's parameters. A coordinate the guide's density does not depend on (a model
    parameter, a point mass) keeps its own units. The phase ends when
-   max_j sqrt(F_jj) MCSE_j <= ``tol``.
+   max_j sqrt(F_jj) MCSE_j <= ``tol``. Under a fixed rate gamma the iterates' variance is of
+   order gamma and their autocorrelation time of order 1/gamma, so the steps this takes,
+   about var * tau / tol^2, hardly depend on gamma: a phase is not ended early to try a
+   smaller rate, which would only lengthen the next stationarity check.
 
-3. **Learning-rate decrease.** Once its average is accurate, a fixed rate has stalled: more
-   steps at it add nothing, and the objective is not quadratic, so that average keeps a
-   bias b(gamma) ~ c gamma. As RAABBVI, the rate is then multiplied by
-   ``factor`` (rho = 1/2) and the iterates restart from the average. The change of the
+3. **Learning-rate decrease.** Once its average is accurate, the averaged parameters have
+   stalled at this rate: more steps at it change them by less than ``tol``. The objective
+   is not quadratic, so that average keeps a bias b(gamma) ~ c gamma. As RAABBVI, the rate
+   is then multiplied by ``factor`` (rho = 1/2) and the iterates restart from the average. The change of the
    average between two rates, Delta = phi_bar(gamma) - phi_bar(rho gamma) ~ (1 - rho) c gamma,
    measures the bias left at the smaller rate, rho c gamma = rho / (1 - rho) Delta (= Delta
    for rho = 1/2); with random reshuffling (every point once an epoch) a smaller rate also
@@ -97,6 +106,7 @@ from .traces import accepts_keyword, positive_int
 BATCHES = 16  # batch means for the MCSE
 MIN_ROWS = 64  # kept iterates before a window is judged, and before an average is
 MIN_ESS = BATCHES  # effective draws of an average: batches one autocorrelation time long or more
+SCALE_GROWTH = 1.5  # the guide's units are measured again each time the averaged steps grow so
 
 
 def split_rhat(rows: torch.Tensor) -> torch.Tensor:
@@ -202,7 +212,8 @@ class Stationarity(Callback):
     def reset(self):
         """Forget any earlier fit: no phase, no finished rate."""
         self.levels = []  # one report per learning rate whose average reached its MCSE
-        self.converged, self.scale, self.previous = False, None, None
+        self.converged, self.scale, self.previous = False, None, None  # previous: (average, MCSE)
+        self.scale_at = None  # averaged steps when the scale was measured
         self.last = {}
         self.stationary_at = None
 
@@ -219,6 +230,7 @@ class Stationarity(Callback):
         self.sums[0].zero_()
         self.thin, self.phase_start, self.since_check = 1, step, 0
         self.stationary_at = None  # the step where the averaged segment starts
+        self.last = {}  # this phase's latest R-hat, MCSE and ESS
 
     def vector(self, state):
         return torch.cat([state.params[name].detach().reshape(-1) for name in self.watched])
@@ -282,18 +294,18 @@ class Stationarity(Callback):
             self.check_average(state)
 
     def check_stationary(self, state):
+        """Start the averaged segment at the window of least split R-hat, if that is below ``rhat``."""
         n = len(self.steps)
-        best = None
-        for size in (n, n // 2, n // 4):
-            if size < MIN_ROWS:
-                break
-            value = float(split_rhat(self.rows[n - size:n]).max())
-            if best is None or value < best[0]:
-                best = (value, n - size)
+        # the first phase starts from the initial values: a short transient there inflates the
+        # halves' variances more than it separates their means, so its first half is never used
+        sizes = [size for size in (n, n // 2, n // 4)[0 if self.levels else 1:] if size >= MIN_ROWS]
+        if not sizes:
+            return
+        best = min((float(split_rhat(self.rows[n - size:n]).max()), n - size) for size in sizes)
         self.last["rhat"] = best[0]
         if best[0] < self.rhat:
             self.stationary_at = self.steps[best[1]]
-            self.scale = self.guide_scale(state)
+            self.refresh_scale(state)
 
     def segment(self):
         """Index of the first kept row of the averaged segment."""
@@ -312,9 +324,12 @@ class Stationarity(Callback):
         return self.ref + (self.sums[n] - self.sums[first]) / (self.steps[n] - self.steps[first])
 
     def check_average(self, state):
+        """End the phase when its average is accurate: MCSE <= tol with enough effective draws."""
         first = self.segment()
         if len(self.steps) - first < MIN_ROWS:
             return
+        if state.step - self.stationary_at >= SCALE_GROWTH * self.scale_at:
+            self.refresh_scale(state)
         mcse, ess = self.precision()
         if self.last["mcse"] > self.tol or self.last["ess"] < MIN_ESS:
             return
@@ -336,6 +351,14 @@ class Stationarity(Callback):
         for group in state.optimizer.param_groups:
             group["lr"] = group["lr"] * self.factor
         self.start_phase(average.to(self.rows.dtype), state.step)
+
+    def refresh_scale(self, state):
+        """Measure the guide's units at the average so far (a single iterate's q is off by its noise)."""
+        iterate = self.vector(state).clone()
+        self.set_params(state, self.average())
+        self.scale = self.guide_scale(state)
+        self.set_params(state, iterate)
+        self.scale_at = state.step - self.stationary_at
 
     def guide_scale(self, state):
         """sqrt(F_jj) of the guide at the current parameters; 1 where F_jj = 0."""
@@ -374,7 +397,8 @@ class Stationarity(Callback):
         """Why the fit has not converged, in a sentence."""
         lr = current_lr(state.optimizer)
         if self.stationary_at is None:
-            rhat = f"max split R-hat {self.last.get('rhat', float('nan')):.3g} >= {self.rhat}"
+            rhat = (f"max split R-hat {self.last['rhat']:.3g} >= {self.rhat}" if "rhat" in self.last
+                    else f"too few steps at lr {lr:.3g} to compute split R-hat")
             if not self.levels:
                 return f"the iterates never became stationary ({rhat})"
             return (f"after the learning rate decreased to {lr:.3g} the iterates did not become "
@@ -383,9 +407,14 @@ class Stationarity(Callback):
         where = f"the iterates are stationary at lr {lr:.3g} from step {self.stationary_at}"
         if mcse is None:
             return f"{where}, too few steps ago to measure the Monte Carlo error of their average"
+        if self.last["ess"] < MIN_ESS:
+            return (f"{where}, but their average has {self.last['ess']:.3g} effective draws, too few "
+                    f"(< {MIN_ESS}) to trust its Monte Carlo standard error")
         if mcse > self.tol:
+            averaged = state.step - self.stationary_at  # the MCSE falls as 1 / sqrt(steps averaged)
             return (f"{where}, but the Monte Carlo standard error of their average is {mcse:.3g} "
-                    f"> tol {self.tol} in the guide's units")
+                    f"> tol {self.tol} in the guide's units (reaching tol would take about "
+                    f"{averaged * ((mcse / self.tol) ** 2 - 1):,.0f} more steps at this rate)")
         return f"{where}, but no smaller learning rate has yet confirmed their average"
 
     def advice(self):
@@ -408,7 +437,7 @@ class Stationarity(Callback):
         state = {"levels": [dict(level) for level in self.levels], "converged": self.converged,
                  "last": dict(self.last), "scale": None if self.scale is None else self.scale.clone(),
                  "previous": None if self.previous is None else [t.clone() for t in self.previous],
-                 "stationary_at": self.stationary_at}
+                 "stationary_at": self.stationary_at, "scale_at": self.scale_at}
         if hasattr(self, "ref"):
             n = len(self.steps)
             state["phase"] = {"ref": self.ref.clone(), "cum": self.cum.clone(),
@@ -419,7 +448,7 @@ class Stationarity(Callback):
 
     def load_state_dict(self, state):
         self.levels = [dict(level) for level in state["levels"]]
-        self.converged, self.last, self.scale = state["converged"], dict(state["last"]), state["scale"]
+        self.converged, self.scale = state["converged"], state["scale"]
         self.previous = None if state["previous"] is None else tuple(state["previous"])
         phase = state.get("phase")
         if phase is not None:
@@ -431,4 +460,5 @@ class Stationarity(Callback):
             self.sums[:n].copy_(phase["sums"])
             self.steps = list(phase["steps"])
             self.thin, self.since_check = phase["thin"], phase["since_check"]
-        self.stationary_at = state["stationary_at"]
+        self.last, self.stationary_at = dict(state["last"]), state["stationary_at"]
+        self.scale_at = state["scale_at"]
