@@ -4,11 +4,12 @@ minibatch fits that end at the exact posterior without being told how many epoch
 import arviz as az
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from scipy.signal import lfilter
 
-from vi_toolkit import Callback, fit
+from vi_toolkit import Callback, data_plate, fit
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.guides import regression as regression_guide
 from vi_toolkit.models import conjugate, regression
@@ -142,6 +143,80 @@ def test_minibatch_fit_until_converged_ends_at_the_exact_regression_posterior():
     assert iterates.rms_error(mean, sd) > 0.05
 
 
+def logistic_model(X, y, num_data=None):
+    """w ~ N(0, I);  y_i ~ Bernoulli(sigmoid(x_i^T w))."""
+    w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[-1]), 1.0).to_event(1))
+    with data_plate(X, num_data):
+        pyro.sample("y", dist.Bernoulli(logits=(X * w).sum(-1)), obs=y)
+
+
+def logistic_posterior_on_a_grid(X, y, half_width=8.0, points=241):
+    """Exact posterior mean and sds of a two-feature logistic regression by quadrature on a grid
+    of +-half_width Laplace sds around the mode (Newton's method)."""
+    X, y = X.double(), y.double()
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(30):
+        p = torch.sigmoid(X @ w)
+        hessian = (X.T * (p * (1 - p))) @ X + torch.eye(2, dtype=torch.float64)
+        w = w + torch.linalg.solve(hessian, X.T @ (y - p) - w)
+    half = half_width * torch.linalg.inv(hessian).diag().sqrt()
+    axes = [torch.linspace(float(w[j] - half[j]), float(w[j] + half[j]), points, dtype=torch.float64) for j in range(2)]
+    grid = torch.cartesian_prod(*axes)  # (points^2, 2)
+    log_joint = torch.cat([-0.5 * (g**2).sum(-1) + (y @ (X @ g.T)) - torch.nn.functional.softplus(X @ g.T).sum(0)
+                           for g in grid.split(4096)])
+    weights = torch.softmax(log_joint, 0)
+    mean = weights @ grid
+    return mean.float(), (weights @ (grid - mean) ** 2).sqrt().float()
+
+
+@pytest.mark.slow
+def test_minibatch_fit_until_converged_ends_at_the_exact_logistic_regression_posterior():
+    """A likelihood that is not Gaussian: the average's bias at each rate is what the rate
+    decreases remove; the reference is quadrature, not a Gaussian formula."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 2, generator=gen)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.tensor([1.5, -1.0])), generator=gen)
+    mean, sd = logistic_posterior_on_a_grid(X, y)
+    settings = dict(batch_size=100, lr=0.02, num_particles=8, seed=0, progress=False, compile=True)
+    result = fit(logistic_model, regression_guide.guide, (X, y), until="converged", **settings)
+    loc_error, sd_error = minibatch_errors(result, mean, sd)
+    assert result.diagnostics["converged"], result.diagnostics["reason"]
+    assert loc_error < 0.05 and sd_error < 0.05, (loc_error, sd_error)
+    iterates = Iterates("w_loc")
+    fit(logistic_model, regression_guide.guide, (X, y), num_steps=len(result.history["loss"]),
+        callbacks=[iterates], **settings)
+    assert iterates.rms_error(mean, sd) > 0.05
+
+
+class Record(Callback):
+    """Records a scalar parameter after every step."""
+
+    def __init__(self, name):
+        self.name, self.values = name, []
+
+    def on_step_end(self, state):
+        self.values.append(float(state.params[self.name].detach()))
+
+
+def test_fit_stationary_but_out_of_budget_warns_with_the_steps_it_lacks_and_returns_the_average():
+    x = 3.0 + torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    record = Record("mu_loc")
+    with pytest.warns(UserWarning, match=r"did not converge in 1600 steps: the iterates are stationary at lr "
+                                         r"0.2 from step \d+, but the Monte Carlo standard error"):
+        result = fit(conjugate.model, conjugate_guide.guide, x, batch_size=250, num_steps=1600, lr=0.2,
+                     until="converged", callbacks=[record], seed=0, progress=False)
+    report = result.diagnostics
+    assert not report["converged"] and report["mcse"] > report["tol"] and report["levels"] == []
+    averaged = torch.tensor(record.values[report["stationary_at"]:])  # values[i]: after step i + 1
+    # the MCSE falls as 1 / sqrt(steps): the reason's estimate of the steps still needed
+    lacking = len(averaged) * ((report["mcse"] / report["tol"]) ** 2 - 1)
+    assert f"about {lacking:,.0f} more steps" in report["reason"]
+    # the result is the average of the stationary iterates, not the last of them
+    spread = float(averaged.std())
+    assert abs(float(result.params["mu_loc"]) - float(averaged.mean())) < 0.05 * spread
+    assert abs(record.values[-1] - float(averaged.mean())) > 0.05 * spread
+
+
 def test_fit_out_of_budget_warns_and_reports_why_it_did_not_converge():
     x = 3.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="did not converge in 300 steps: the iterates never became stationary"):
@@ -195,3 +270,17 @@ def test_until_and_stationarity_refuse_bad_settings_by_name():
             Stationarity(**setting)
     with pytest.raises(ValueError, match="window must be at least"):
         Stationarity(window=64)
+
+
+def test_minibatch_convergence_benchmark_quick_runs_its_three_fits_and_says_it_did_not_converge(
+        load_main, keep_threads, tmp_path):
+    with pytest.warns(UserWarning, match="did not converge"):
+        metrics = load_main("benchmarks/minibatch_convergence.py")(
+            ["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    for name in ("elbo.png", "errors.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    # the quick budget is too small to converge: the report says so, and the schedule over the
+    # same steps gets exactly the steps the converging fit used
+    assert metrics["converged"] is False and metrics["until_converged_stopped"] == "max steps"
+    assert metrics["reason"].startswith("the iterates never became stationary")
+    assert metrics["until_converged_epochs"] == metrics["budget_epochs"] == metrics["schedule_same_steps_epochs"]
