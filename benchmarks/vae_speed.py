@@ -18,7 +18,9 @@ same objective (the single-sample Monte Carlo ELBO of Pyro's ``Trace_ELBO``):
   ``lax.fori_loop`` (the ``bench`` extra; skipped with a note if it is not installed).
 
 For each batch size it prints seconds per epoch (the median over the timed epochs, after
-one warm-up epoch, which holds any compilation), the ratio to ``fit``, and the training ELBO
+one warm-up epoch, which holds any compilation; wall-clock seconds, or with ``--clock cpu``
+the process's CPU seconds, which other processes on a shared machine inflate less), the ratio
+to ``fit``, and the training ELBO
 per point each reached in its last epoch, so that equal work is visible; and beside them the
 matrix-product floor: the seconds an epoch's products alone take (every layer's forward
 product, its weight gradient and, past the first layer, its input gradient, by the backend
@@ -37,7 +39,7 @@ import torch
 from vi_toolkit.guides.vae import GaussianEncoder
 from vi_toolkit.models.vae import DeepLatentGaussian
 from vae_vs_pyro_loop import pyro_loop
-from vi_toolkit import fit, plots
+from vi_toolkit import Callback, fit, plots
 from vi_toolkit.datasets import add_data_arguments, images_from_args
 from vi_toolkit.linear import onednn_linear, resolve_backend
 from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
@@ -49,6 +51,26 @@ def networks(shape, hidden, latent, seed):
             GaussianEncoder(shape, latent, hidden=(hidden,), activation="softplus"))
 
 
+def clock_of(args):
+    """The timer of ``--clock`` (wall-clock or this process's CPU seconds); wall-clock for the
+    scripts that reuse these runs without the option (``scaling.py``)."""
+    return time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+
+
+class EpochClock(Callback):
+    """The times (by ``clock``, from the fit's start) and steps at the end of each epoch of a fit."""
+
+    def __init__(self, clock):
+        self.clock, self.times, self.steps = clock, [], []
+
+    def on_fit_start(self, state):
+        self.start = self.clock()
+
+    def on_epoch_end(self, state):
+        self.times.append(self.clock() - self.start)
+        self.steps.append(state.step)
+
+
 def per_epoch(times):
     """Median seconds per epoch after the first (warm-up) epoch, from cumulative end times."""
     steps = np.diff([0.0, *times])
@@ -57,10 +79,11 @@ def per_epoch(times):
 
 def run_fit(x, args, batch, linear_backend="auto", compile=False):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
+    epochs = EpochClock(clock_of(args))
     result = fit(model, guide, x, elbo="trace", batch_size=batch, num_epochs=args.epochs, lr=args.lr,
-                 seed=args.seed, progress=False, device=x.device, compile=compile,
+                 seed=args.seed, progress=False, device=x.device, compile=compile, callbacks=[epochs],
                  options={"linear_backend": linear_backend})
-    return per_epoch(result.history["time"]), result.elbo, result.config["compile"]["seconds"]
+    return per_epoch(epochs.times), result.elbo, result.config["compile"]["seconds"]
 
 
 def run_fit_compiled(x, args, batch):
@@ -74,7 +97,7 @@ def run_fit_torch_linear(x, args, batch):
 def run_pyro_loop(x, args, batch):
     model, guide = networks(x.shape[1:], args.hidden, args.latent_dim, args.seed)
     history = pyro_loop(model, guide, x, epochs=args.epochs, batch_size=batch, lr=args.lr, dynamic=False,
-                        seed=args.seed, device=x.device)
+                        seed=args.seed, device=x.device, clock=clock_of(args))
     return per_epoch(history["time"]), history["elbo"][-1]
 
 
@@ -95,7 +118,8 @@ def run_torch(x, args, batch, compile=False):
         return -elbo * n / xb.shape[0]
 
     loss_of = torch.compile(loss_of) if compile else loss_of
-    start = time.perf_counter()
+    clock = clock_of(args)
+    start = clock()
     for _ in range(args.epochs):
         total = x.new_zeros(())
         perm = torch.randperm(n, device=x.device)
@@ -106,7 +130,7 @@ def run_torch(x, args, batch, compile=False):
             loss.backward()
             optim.step()
             total += loss.detach()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         last = -float(total) / (n / batch) / n
     return per_epoch(times), last
 
@@ -131,14 +155,14 @@ def product_floor(x, args, batch, repeats=20):
             if grad_in:
                 linear(grad, weight.t())  # dL/dinputs = grad W
 
-    times = []
+    times, clock = [], clock_of(args)
     with torch.no_grad():
         for _ in range(repeats + 2):
-            start = time.perf_counter()
+            start = clock()
             products()
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times[2:]) * math.ceil(x.shape[0] / batch)
 
 
@@ -182,11 +206,12 @@ def run_numpyro(x, args, batch):
 
         return jax.lax.fori_loop(0, steps, body, (state, 0.0))
 
-    times, start = [], time.perf_counter()
+    clock = clock_of(args)
+    times, start = [], clock()
     for e in range(args.epochs):
         state, total = epoch(state, jax.random.PRNGKey(args.seed + e))
         total.block_until_ready()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return per_epoch(times), -float(total) / steps / n
 
 
@@ -211,6 +236,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="run the whole process on this many cores, torch with as many threads "
                              "(JAX's thread pool is pinned to the same cores); default: all cores")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall-clock seconds, or the process's CPU seconds (a loaded machine "
+                             "inflates them less; with one thread they are the seconds it ran)")
     args = parse_args(parser, argv)
     if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
@@ -220,7 +248,7 @@ def main(argv=None):
     start = time.perf_counter()
     metrics = {"dataset": args.dataset if not args.quick else "digits", "points": x.shape[0],
                "architecture": f"{x[0].numel()}-{args.hidden}-{args.latent_dim}",
-               "threads": torch.get_num_threads(), "epochs": args.epochs}
+               "threads": torch.get_num_threads(), "epochs": args.epochs, "clock": args.clock}
     table = []
     for name, run in IMPLEMENTATIONS.items():  # NumPyro last: JAX's thread pool stays busy after it
         if args.quick and "compiled" in name:  # a smoke test waits on no compiler (tests/test_compiled.py)
@@ -256,6 +284,12 @@ def main(argv=None):
         if metrics.get(f"b{batch}_numpyro_seconds_per_epoch") and f"b{batch}_fit_compiled_seconds_per_epoch" in metrics:
             metrics[f"b{batch}_fit_compiled_vs_numpyro"] = (metrics[f"b{batch}_fit_compiled_seconds_per_epoch"]
                                                             / metrics[f"b{batch}_numpyro_seconds_per_epoch"])
+        ratios = [f"{label} {metrics[key]:.2f}" for label, key in (
+            ("fit (compiled)/numpyro", f"b{batch}_fit_compiled_vs_numpyro"),
+            ("fit (compiled)/floor", f"b{batch}_fit_compiled_vs_floor"), ("numpyro/floor", f"b{batch}_numpyro_vs_floor"))
+            if key in metrics]
+        if ratios:
+            print(f"{batch:>6} {'ratios':<18} " + ", ".join(ratios))
     save_figure(plots.bar_chart({f"{name} (B={batch})": seconds for batch, name, seconds, _ in table},
                                 ylabel="seconds per epoch",
                                 title=f"MLP VAE {metrics['architecture']} on {metrics['dataset']}"),

@@ -13,17 +13,26 @@ on their values; so :class:`StepGraph` records them once (``torch.fx``'s ``make_
 forward pass, and the backward pass that ``torch.autograd.grad`` runs, as one graph
 (u, B) -> (L, g)), compiles that graph with TorchInductor (fused, vectorised C++ loops on
 the CPU; Triton kernels on CUDA, replayed as a CUDA graph) and replays it at every step.
-The graph's random operations read torch's generator at each replay, so every step draws
-fresh eps and the estimator is the eager one, not one frozen draw (its random stream is
-Inductor's own, so a compiled fit and an eager fit of one seed draw different numbers; a
-compiled fit is reproducible from its seed, resumes exactly and replays a divergence
-exactly). The optimizer applies g as in the eager step (Adam's fused kernel), so gradient
-reduction across processes, clipping, schedules and checkpoints are those of
-:class:`~vi_toolkit.step.EagerStep`. The parameters enter the graph as inputs, never as
-constants read from global state: while tracing, every torch call that is handed one of
-them (by the parameter store, a module attribute or a closure) receives the graph's input
-instead. Linear layers keep the fit's route (:mod:`vi_toolkit.linear`): oneDNN's products
-inside the compiled graph where the eager fit would use them.
+The graph's random operations draw afresh at each replay, so the estimator is the eager one,
+not one frozen draw. On the CPU they are torch's own random operations, called in the eager
+step's order (Inductor's ``fallback_random``; its own CPU generator took 0.9 ms for a VAE's
+6,400 normals, torch's 0.03 ms), so a compiled fit draws the eager fit's numbers and equals
+it to float32 rounding; on CUDA they are Inductor's Philox draws, reproducible from the seed
+but not the eager step's numbers. A compiled fit is reproducible from its seed, resumes
+exactly and replays a divergence exactly. The optimizer applies g as in the eager step
+(Adam's fused kernel), so gradient reduction across processes, clipping, schedules and
+checkpoints are those of :class:`~vi_toolkit.step.EagerStep`. The parameters enter the graph
+as inputs, never as constants read from global state: while tracing, every torch call that is
+handed one of them (by the parameter store, a module attribute or a closure) receives the
+graph's input instead.
+
+Products on the CPU. Linear layers keep the fit's route (:mod:`vi_toolkit.linear`): where the
+eager fit computes a layer by oneDNN, the graph calls oneDNN for each of its products of at
+least :data:`ONEDNN_MIN_FLOPS` floating-point operations and torch's ``mm`` for the smaller
+ones (oneDNN's fixed cost per call outweighs its speed there), with the transposed operands
+of the weight gradients written contiguously by the kernels that compute them. On the CPU the
+replay and the optimizer's update run without torch-function modes (the linear route costs a
+Python call for each torch call of the step, and the graph holds its products already).
 
 While tracing, Pyro's host syncs inside the loss (``torch_item``, ``warn_if_nan``) are
 replaced by their traceable equivalents (a detach, nothing), distribution validation is off
@@ -65,6 +74,7 @@ TorchInductor); ``torch.fx.experimental.proxy_tensor.make_fx``.
 """
 
 import contextlib
+import math
 import sys
 import time
 import warnings
@@ -278,7 +288,7 @@ def log1p_from_log(y: torch.Tensor) -> torch.Tensor:
     """
     u = 1 + y
     d = u - 1
-    return torch.where(d == 0, y, torch.where(torch.isinf(u), u, torch.log(u) * (y / d)))
+    return torch.where(d == 0, y, torch.where(u == math.inf, u, torch.log(u) * (y / d)))
 
 
 def _softplus(x, beta=1.0, threshold=20.0):
@@ -308,23 +318,52 @@ _CPU_DECOMPOSITIONS = {torch.ops.aten.log1p.default: log1p_from_log,
                        torch.ops.aten.binary_cross_entropy_with_logits.default: _bce_with_logits}
 
 
-@torch.library.custom_op("vi_toolkit::inner_product", mutates_args=())
 def inner_product(x: torch.Tensor, w: torch.Tensor, b: "torch.Tensor | None") -> torch.Tensor:
-    """x W^T + b by oneDNN (:mod:`vi_toolkit.linear`'s product), an opaque kernel to Inductor."""
+    """x W^T + b by oneDNN (:mod:`vi_toolkit.linear`'s product); in a graph, the operator
+    ``torch.ops.vi_toolkit.inner_product``, an opaque kernel to Inductor."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-@inner_product.register_fake
+# a plain operator with a CPU kernel (torch.library.custom_op's wrappers cost ~10 us a call)
+_LIBRARY = torch.library.Library("vi_toolkit", "DEF")
+_LIBRARY.define("inner_product(Tensor x, Tensor w, Tensor? b) -> Tensor")
+_LIBRARY.impl("inner_product", inner_product, "CPU")
+
+
+@torch.library.register_fake("vi_toolkit::inner_product", lib=_LIBRARY)
 def _(x, w, b):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _opaque_products(gm):
-    """Route oneDNN's products through :func:`inner_product`: Inductor lowers
-    ``mkldnn._linear_pointwise`` only for constant (frozen) weights; a fit's change every step."""
-    for node in gm.graph.nodes:
-        if node.target is torch.ops.mkldnn._linear_pointwise.default and node.args[3:] == ("none", [], ""):
-            node.target, node.args = torch.ops.vi_toolkit.inner_product.default, node.args[:3]
+ONEDNN_MIN_FLOPS = 16e6  # smaller products by torch's BLAS: oneDNN's ~15 us a call outweigh its speed
+
+
+def _route_products(gm):
+    """oneDNN's products (``mkldnn._linear_pointwise``, traced from :mod:`vi_toolkit.linear`)
+    through :func:`inner_product`, since Inductor lowers that op for constant (frozen) weights
+    only, and a fit's change every step. A transposed left operand (the weight gradients'
+    dL/dy^T) is made contiguous in the graph, where Inductor writes it in that layout from the
+    kernel that computes it (oneDNN would copy it). Products of fewer than
+    :data:`ONEDNN_MIN_FLOPS` floating-point operations go to torch's ``mm`` instead: on the
+    project's CPU (one thread) oneDNN's call costs ~15 us against ~4 for ``mm``, and ``mm`` was
+    as fast or faster up to 10 MFLOP (128 x 400 x 100), oneDNN 5-10% faster from 40 MFLOP."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.mkldnn._linear_pointwise.default or node.args[3:] != ("none", [], ""):
+            continue
+        x, w, b = node.args[:3]
+        (m, k), n = x.meta["val"].shape, w.meta["val"].shape[0]
+        with graph.inserting_before(node):
+            if 2 * m * k * n < ONEDNN_MIN_FLOPS:
+                w_t = graph.call_function(torch.ops.aten.t.default, (w,))
+                w_t.meta["val"] = w.meta["val"].t()
+                node.target, node.args = ((torch.ops.aten.mm.default, (x, w_t)) if b is None
+                                          else (torch.ops.aten.addmm.default, (b, x, w_t)))
+                continue
+            if not x.meta["val"].is_contiguous():
+                x = graph.call_function(torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+                x.meta["val"] = node.args[0].meta["val"].contiguous()
+            node.target, node.args = torch.ops.vi_toolkit.inner_product.default, (x, w, b)
     gm.recompile()
 
 
@@ -374,7 +413,7 @@ class StepGraph:
             raise NotCompilable(f"tracing the step failed ({type(err).__name__}: {_first_line(err)}); "
                                 "a model or guide that reads tensor values in Python (if x > 0, "
                                 ".item(), checks) has no fixed structure") from err
-        _opaque_products(gm)
+        _route_products(gm)
         mutated = _mutated_state(gm)
         if mutated:
             raise NotCompilable(f"the step changes state other than its parameters ({mutated}), e.g. "
@@ -382,20 +421,22 @@ class StepGraph:
         self.used = used
         self.grad_params = [p for p, u in zip(self.params, used) if u]
         self.cuda = cuda
-        if self.cuda:  # replayed as a CUDA graph (cudagraph trees)
+        self.seconds = None  # tracing and compiling
+        if self.cuda:  # replayed as a CUDA graph (cudagraph trees), compiled at the first call
             self.compiled = torch.compile(gm, fullgraph=True, dynamic=False,
                                           options={"triton.cudagraphs": True, **(options or {})})
-        else:  # Inductor without TorchDynamo's guards: half the cost of a call of torch.compile's
-            self.compiled = _Deferred(gm, [p.detach() for p in self.params] + list(tensors), options)
-        self.trace_seconds = time.perf_counter() - start
-        self.seconds = None  # trace and compile, known after the first call
+            self.trace_seconds = time.perf_counter() - start
+        else:  # torch's random operations: Inductor's own CPU generator took 0.9 ms for 6,400 normals
+            self.compiled = _standalone_compile(gm, [p.detach() for p in self.params] + list(tensors),
+                                                {"fallback_random": True, **(options or {})})
+            self.seconds = time.perf_counter() - start
 
     def __call__(self, tensors):
         """``(loss, grads)`` of one batch (its tensors, as :func:`split_inputs` gives them): the
         detached loss and the gradients of ``grad_params``.
 
         Raises:
-            NotCompilable: compilation failed (at the first call).
+            NotCompilable: compilation failed (on CUDA: at the first call).
         """
         first = self.seconds is None
         start = time.perf_counter()
@@ -414,22 +455,21 @@ class StepGraph:
         return (loss.clone() if self.cuda else loss), grads
 
 
-class _Deferred:
-    """``torch._inductor.standalone_compile`` of ``gm`` at its first call (Inductor's FX graph
-    cache on disk serves a graph compiled before, by any process)."""
+def _standalone_compile(gm, example_inputs, options):
+    """``torch._inductor.standalone_compile`` of ``gm``: Inductor without TorchDynamo's guards
+    (half the cost of a call of ``torch.compile``'s); its FX graph cache on disk serves a graph
+    compiled before, by any process.
 
-    def __init__(self, gm, example_inputs, options):
-        self.gm, self.example_inputs, self.options, self.fn = gm, example_inputs, options, None
+    Raises:
+        NotCompilable: Inductor failed (the message says why).
+    """
+    from torch._inductor import standalone_compile
 
-    def __call__(self, *inputs):
-        if self.fn is None:
-            from torch._inductor import standalone_compile
-
-            self.fn = standalone_compile(self.gm, self.example_inputs, dynamic_shapes="from_example_inputs",
-                                         options={"config_patches": self.options or {}},
-                                         donate_graph_module=True)
-            self.gm = self.example_inputs = None
-        return self.fn(*inputs)
+    try:
+        return standalone_compile(gm, example_inputs, dynamic_shapes="from_example_inputs",
+                                  options={"config_patches": options}, donate_graph_module=True)
+    except Exception as err:
+        raise NotCompilable(f"compiling the step failed ({type(err).__name__}: {_first_line(err)})") from err
 
 
 def _first_line(err):
@@ -454,23 +494,41 @@ class CompiledStep(EagerStep):
         super().__init__(model, guide, elbo, **kwargs)
         self.required, self.report = required, report
         self.graphs, self.structures = {}, {}  # by the batch's shapes
+        self.timed = set()  # the graphs whose compile seconds are in the report
         self.eager = self.check_structure = False
         self.unchecked = 0  # steps since the sites were last checked
+        self.replay = None  # this step's (graph, tensors)
         report.update(used=True, seconds=0.0, graphs=0, reason=None)
+
+    def update(self, args, kwargs, share=1.0):
+        """One step, as :meth:`EagerStep.update`. Its graph is found first (traced and compiled
+        if the batch's shapes are new); on the CPU the replay and the optimizer's update then
+        run without torch-function modes: the graph holds the linear layers' products already,
+        and the route of :mod:`vi_toolkit.linear` costs a Python call for each torch call of
+        the step (0.7 of 1.0 ms a step of a small VAE)."""
+        if not self.eager:
+            tensors, key, _ = split_inputs(args, kwargs)
+            try:
+                self.replay = self.graph_for(tensors, key, args, kwargs), tensors
+            except NotCompilable as err:
+                self.fall_back(str(err))
+        if self.eager or self.replay[0].cuda:
+            return super().update(args, kwargs, share)
+        with torch._C.DisableTorchFunction():
+            return super().update(args, kwargs, share)
 
     def gradients(self, args, kwargs):
         """The batch's loss from the compiled graph, the gradients put in each ``.grad``."""
         if self.eager:
             return super().gradients(args, kwargs)
-        tensors, key, _ = split_inputs(args, kwargs)
+        graph, tensors = self.replay
         try:
-            graph = self.graph_for(tensors, key, args, kwargs)
-            new = graph.seconds is None
             loss, grads = graph(tensors)
-        except NotCompilable as err:
+        except NotCompilable as err:  # on CUDA, compiled at the first call
             self.fall_back(str(err))
             return super().gradients(args, kwargs)
-        if new:
+        if graph not in self.timed:
+            self.timed.add(graph)
             self.report["seconds"] += graph.seconds
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(graph.grad_params, grads):
