@@ -23,6 +23,7 @@ from sklearn.cluster import KMeans
 from .models.bayesnet import BayesianNetwork
 from .models.discriminant import LinearDiscriminant
 from .models.hmm import length_mask
+from .models.topics import check_counts
 
 
 def kmeans_init(x, K, *, seed=0, n_init=5, iterations=20, max_points=20_000):
@@ -116,3 +117,31 @@ def bayesnet_init(net: BayesianNetwork, *, seed: int = 0) -> dict:
         draw = -torch.rand(shape, generator=generator).log()  # Exp(1); normalised, a Dir(1) draw
         init[node.name] = 0.5 * (draw / draw.sum(-1, keepdim=True) + 1.0 / node.cardinality)
     return init
+
+
+def topics_init(counts: torch.Tensor, K: int, *, seed: int = 0, smoothing: float = 0.5) -> torch.Tensor:
+    """Initial topics (K, V) for ``vi_toolkit.models.topics``: k-means centres of word frequencies.
+
+    The centres c_k are :func:`kmeans_init`'s on the rows x_d / N_d; each is normalised and
+    mixed with the corpus's add-one frequencies f, beta_k = (1 - smoothing) c_k / sum(c_k) +
+    smoothing f.
+
+    Args:
+        counts: (D, V) the training documents.
+        K: the number of topics.
+        seed: seeds k-means.
+        smoothing: the weight of the corpus's frequencies, in (0, 1].
+
+    Returns:
+        (K, V) rows on the simplex.
+
+    Raises:
+        ValueError: for counts that are not a count matrix, or a smoothing outside (0, 1].
+    """
+    check_counts(counts)
+    if not 0 < smoothing <= 1:
+        raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+    counts = counts.detach().cpu().to(torch.get_default_dtype())
+    centres = kmeans_init(counts / counts.sum(-1, keepdim=True), K, seed=seed)["locs"].clamp_min(0)
+    freq = (counts.sum(0) + 1) / (counts.sum() + counts.shape[1])
+    return (1 - smoothing) * centres / centres.sum(-1, keepdim=True).clamp_min(1e-12) + smoothing * freq

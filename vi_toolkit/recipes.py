@@ -8,10 +8,14 @@
   initialisations (:func:`vi_toolkit.initialization.hmm_init`), L-BFGS to a relative tolerance;
 * :func:`fit_discriminant`: linear discriminant analysis (``vi_toolkit.models.discriminant``)
   by MAP, supervised, unsupervised or semi-supervised;
-* :func:`fit_bayesnet`: a discrete Bayesian network's CPTs (``vi_toolkit.models.bayesnet``) by MAP.
+* :func:`fit_bayesnet`: a discrete Bayesian network's CPTs (``vi_toolkit.models.bayesnet``) by MAP;
+* :func:`fit_lda`: latent Dirichlet allocation (``vi_toolkit.models.topics``) with the amortized
+  encoder of ``vi_toolkit.guides.topics``, from k-means topics
+  (:func:`vi_toolkit.initialization.topics_init`), by Adam on minibatches of documents with a
+  KL warm-up (``vi_toolkit.schedules.KLAnnealing``).
 
-Each keeps the best training ELBO of its restarts (:func:`best_of`): with latent classes or
-states the likelihood has several local maxima, as for EM.
+Each keeps the best training ELBO of its restarts (:func:`best_of`): with latent classes,
+states or topics the likelihood has several local maxima, as for EM.
 """
 
 import torch
@@ -21,10 +25,13 @@ from .guides import bayesnet as bayesnet_guides
 from .guides import discriminant as discriminant_guides
 from .guides.gmm import GUIDES
 from .guides.hmm import MAPGuide as HMMMAPGuide
-from .initialization import bayesnet_init, discriminant_init, hmm_init, kmeans_init
+from .guides.topics import TOPIC_GUIDES, TopicEncoder
+from .initialization import bayesnet_init, discriminant_init, hmm_init, kmeans_init, topics_init
 from .models.bayesnet import BayesianNetwork
 from .models.discriminant import LinearDiscriminant
 from .models.gmm import GaussianMixture
+from .models.topics import LatentDirichletAllocation
+from .schedules import KLAnnealing
 from .traces import positive_int
 
 # the MAP objective is deterministic: L-BFGS converges in tens of steps where Adam takes
@@ -174,3 +181,68 @@ def fit_bayesnet(net: BayesianNetwork, data: dict, *, restarts: int = 1, seed: i
     options = {**BAYESNET_DEFAULTS, **options}
     return best_of(restarts, seed, lambda s: bayesnet_guides.MAPGuide(net, bayesnet_init(net, seed=s)),
                    net.model, data, val_data=val_data, **options)
+
+
+# Adam on minibatches of documents, the learning rate decaying on a cosine so that the last
+# iterate does not jitter at the noise floor of the gradient
+LDA_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "batch_size": 100, "lr_schedule": "cosine", "num_particles": 1,
+                "progress": False}
+LDA_EPOCHS = 100
+
+
+def fit_lda(lda: LatentDirichletAllocation, counts: torch.Tensor, *, topics: str = "map", restarts: int = 1,
+            seed: int = 0, val_counts: torch.Tensor | None = None, hidden: tuple = (100,), warmup: float = 1 / 3,
+            **options) -> tuple:
+    """Fit ``lda`` to ``counts`` with a ``TopicEncoder`` guide and a KL warm-up; the best of ``restarts``.
+
+    At the start q(theta_d | x_d) is the prior's approximation for every document, and the
+    expected likelihood is then highest with every topic equal to the corpus's word
+    frequencies; with the full KL term a fit can stay near there (the encoder gains too
+    little from telling documents apart). The warm-up (``KLAnnealing``) weights the KL terms
+    by beta, rising from 0 to 1 over the first ``warmup`` of the steps, so that the encoder
+    commits first and the topics separate; the ELBO is the model's again after it.
+
+    Args:
+        lda: the model.
+        counts: (D, V) the training documents.
+        topics: ``"map"`` or ``"meanfield"``, the guide's factor of the topics (with
+            ``"meanfield"`` the fit's ELBO is ``"meanfield"``: the Dirichlet KL analytic).
+        restarts: fits from the k-means seedings and network initialisations ``seed``,
+            ``seed + 1``, ...; the best training ELBO is kept.
+        seed: the first seed (of k-means, of the encoder's initial weights and of the fit).
+        val_counts: held-out documents whose ELBO per document is recorded each epoch.
+        hidden: the encoder's hidden layer sizes.
+        warmup: the fraction of the steps over which beta rises to 1, in [0, 1) (0: none).
+        **options: passed to :func:`vi_toolkit.fit` (defaults: ``LDA_DEFAULTS`` and
+            ``LDA_EPOCHS`` epochs; the batch size is at most the number of documents; the
+            warm-up runs before any ``callbacks`` given).
+
+    Returns:
+        ``(result, guide)``; ``guide.topic_words(result)`` are the fitted topics.
+
+    Raises:
+        ValueError: for counts that do not fit the model, an unknown ``topics``, or a
+            ``warmup`` or ``restarts`` out of range.
+    """
+    lda.check(counts)
+    if val_counts is not None:
+        lda.check(val_counts, "val_counts")
+    if topics not in TOPIC_GUIDES:
+        raise ValueError(f"topics must be one of {TOPIC_GUIDES}, got {topics!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup (a fraction of the steps) must be in [0, 1), got {warmup!r}")
+    options = {**LDA_DEFAULTS, "elbo": "meanfield" if topics == "meanfield" else "trace", **options}
+    options["batch_size"] = min(options["batch_size"] or len(counts), len(counts))
+    if options.get("num_steps") is None:
+        options.setdefault("num_epochs", LDA_EPOCHS)
+    if warmup > 0:
+        steps = options.get("num_steps") or options["num_epochs"] * -(-len(counts) // options["batch_size"])
+        annealing = KLAnnealing(max(1, round(warmup * steps)))
+        options["callbacks"] = [annealing, *options.get("callbacks", ())]
+
+    def make_guide(s):
+        with torch.random.fork_rng(devices=[]):  # the network's initial weights, seeded
+            torch.manual_seed(s)
+            return TopicEncoder(lda, topics=topics, hidden=hidden, init=topics_init(counts, lda.K, seed=s))
+
+    return best_of(restarts, seed, make_guide, lda.model, counts, val_data=val_counts, **options)
