@@ -21,10 +21,18 @@ held-out log-likelihood of its current parameters first reaches L* - ``--toleran
 from parameter snapshots taken after each M-step, for the toolkit by a ``fit``
 callback after each step (three L-BFGS iterations; a step of one stalls L-BFGS on
 the HMM) that stops its own clock while it runs.
-The ratio toolkit / reference is the figure the speed targets are stated in. Writes
-``seconds_to_target.png`` and ``metrics.json``.
+The ratio toolkit / reference is the figure the speed targets are stated in.
+
+``fit (compiled)``: for the GMM and the HMM the same fit again with ``compile=True`` (the
+same objective and L-BFGS steps, the loss and its gradients replayed from one compiled graph,
+:mod:`vi_toolkit.compiled`). Its time to target excludes the seconds of tracing and compiling,
+which are reported beside it (``config["compile"]["seconds"]``); a warm-up compile of a small
+fit first keeps importing and starting the compiler out of every row. ``--quick`` leaves the
+compiled fits out (a smoke test waits on no compiler). Writes ``seconds_to_target.png`` and
+``metrics.json``.
 """
 
+import functools
 import time
 import warnings
 
@@ -53,6 +61,9 @@ HMM_TRUE = {"initial": torch.tensor([0.4, 0.3, 0.2, 0.1]),
                                         [0.05, 0.10, 0.80, 0.05], [0.05, 0.05, 0.10, 0.80]]),
             "locs": torch.tensor([[-2.0, 0.0], [0.0, 1.5], [2.0, 0.0], [0.0, -1.5]]),
             "scales": torch.tensor([[0.8, 0.8], [0.7, 0.9], [0.9, 0.6], [0.8, 0.8]])}
+
+
+TOOLKIT_ROWS = {"fit": "toolkit", "fit (compiled)": "compiled"}  # implementation: its metrics' prefix
 
 
 class Clock:
@@ -89,7 +100,22 @@ def first_reaching(snapshots, score, target, t0):
     return None, len(snapshots), value
 
 
-def gmm_row(n, seed, tolerance):
+def toolkit_fits(fit_once, score, target, compiled):
+    """``{implementation: (clock, compile seconds)}`` of ``fit_once(callback, compile)``'s fits:
+    eager, and compiled too if ``compiled``; the compiled clock's time to target excludes its
+    compile seconds."""
+    fits = {}
+    for impl, compile in (("fit", False), ("fit (compiled)", True))[:2 if compiled else 1]:
+        clock = Clock(score, target)
+        result = fit_once(clock.start(), compile)
+        seconds = result.config["compile"]["seconds"] if compile else None
+        if seconds and clock.reached is not None:
+            clock.reached -= seconds
+        fits[impl] = (clock, seconds)
+    return fits
+
+
+def gmm_row(n, seed, tolerance, compiled=False):
     from sklearn.mixture import GaussianMixture as SkGMM
 
     class Recorded(SkGMM):  # EM with a snapshot of the parameters after every M-step
@@ -117,13 +143,14 @@ def gmm_row(n, seed, tolerance):
 
     ref = first_reaching(em.snapshots, em_score, target, t0)
     estimate = GMMMAPGuide(mixture, init=None).point_estimate
-    clock = Clock(lambda r: float(mixture.log_likelihood(x_test, estimate(r)).mean()), target)
-    fit_gmm(mixture, x, seed=seed, num_steps=500, tol_rel_obj=None,
-            options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock.start()])
-    return ("GMM (K=3, full, D=2)", "sklearn GaussianMixture (EM)", target + tolerance, ref, clock)
+    fits = toolkit_fits(lambda clock, compile: fit_gmm(
+        mixture, x, seed=seed, num_steps=500, tol_rel_obj=None, compile=compile,
+        options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock])[0],
+        lambda r: float(mixture.log_likelihood(x_test, estimate(r)).mean()), target, compiled)
+    return ("GMM (K=3, full, D=2)", "sklearn GaussianMixture (EM)", target + tolerance, ref, fits)
 
 
-def hmm_row(n, seed, tolerance):
+def hmm_row(n, seed, tolerance, compiled=False):
     from hmmlearn.hmm import GaussianHMM
 
     class Recorded(GaussianHMM):  # Baum-Welch with a snapshot after every M-step
@@ -160,10 +187,11 @@ def hmm_row(n, seed, tolerance):
 
     ref = first_reaching(bw.snapshots, bw_score, target, t0)
     estimate = HMMMAPGuide(hmm, init=None).point_estimate
-    clock = Clock(lambda r: float(hmm.log_likelihood(x_test, lengths, estimate(r)).sum()) / steps, target)
-    fit_hmm(hmm, x, lengths, seed=seed, num_steps=500, tol_rel_obj=None,
-            options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock.start()])
-    return ("HMM (K=4, Gaussian, D=2)", "hmmlearn GaussianHMM (Baum-Welch)", target + tolerance, ref, clock)
+    fits = toolkit_fits(lambda clock, compile: fit_hmm(
+        hmm, x, lengths, seed=seed, num_steps=500, tol_rel_obj=None, compile=compile,
+        options={"log_every": 1, "optimizer_args": {"max_iter": 3}}, callbacks=[clock])[0],
+        lambda r: float(hmm.log_likelihood(x_test, lengths, estimate(r)).sum()) / steps, target, compiled)
+    return ("HMM (K=4, Gaussian, D=2)", "hmmlearn GaussianHMM (Baum-Welch)", target + tolerance, ref, fits)
 
 
 def ppca_row(n, seed, tolerance):
@@ -183,7 +211,8 @@ def ppca_row(n, seed, tolerance):
     batch = min(n, 10_000)
     fit(ppca.model, LinearEncoder(ppca), x, lr=0.05, num_steps=2000, batch_size=batch, num_particles=4,
         lr_schedule="cosine", seed=seed, progress=False, options={"log_every": 20}, callbacks=[clock.start()])
-    return ("PPCA (D=10, q=2)", "sklearn PCA (closed form)", target + tolerance, (ref_time, 1, target), clock)
+    return ("PPCA (D=10, q=2)", "sklearn PCA (closed form)", target + tolerance, (ref_time, 1, target),
+            {"fit": (clock, None)})
 
 
 def main(argv=None):
@@ -200,41 +229,57 @@ def main(argv=None):
         raise ValueError("--device: the references run on the CPU; this benchmark compares on the CPU")
     torch.set_num_threads(args.threads)
     sizes = [5000] if args.quick else [int(s) for s in args.sizes.split(",")]
-    benches = {"gmm": gmm_row, "hmm": hmm_row, "ppca": ppca_row}
+    compiled = not args.quick  # a smoke test waits on no compiler
+    benches = {"gmm": functools.partial(gmm_row, compiled=compiled),
+               "hmm": functools.partial(hmm_row, compiled=compiled), "ppca": ppca_row}
     names = args.models.split(",")
     unknown = set(names) - set(benches)
     if unknown:
         raise ValueError(f"--models: unknown {sorted(unknown)}; use {sorted(benches)}")
     fit_gmm(GaussianMixture(2, 2), torch.randn(200, 2), num_steps=2)  # warm up torch and Pyro
+    if compiled:  # and the compiler (imports, Inductor's start-up), on other shapes
+        fit_gmm(GaussianMixture(2, 2), torch.randn(200, 2), num_steps=2, compile=True)
     rows = []
     header = (f"{'model':<26}{'N':>9} {'reference':<36}{'L*':>9}{'ref s':>8}{'iters':>6}"
-              f"{'toolkit s':>10}{'steps':>6}{'ratio':>10}")
+              + "".join(f"{label + ' s':>12}{'steps':>6}{'ratio':>8}" for label in ("fit", "compiled"))
+              + f"{'compile s':>10}")
     print(header)
     for n in sizes:
         for name in names:
-            model, ref_name, best, (ref_t, ref_iters, _), clock = benches[name](n, args.seed, args.tolerance)
+            model, ref_name, best, (ref_t, ref_iters, _), fits = benches[name](n, args.seed, args.tolerance)
             row = {"model": model, "N": n, "reference": ref_name, "reference_converged_loglik": best,
                    "target_loglik": best - args.tolerance, "reference_seconds_to_target": ref_t,
-                   "reference_iterations": ref_iters, "toolkit_seconds_to_target": clock.reached,
-                   "toolkit_steps": clock.steps, "toolkit_final_loglik": clock.last,
-                   "time_ratio": clock.reached / ref_t if clock.reached and ref_t else None}
+                   "reference_iterations": ref_iters}
+            cells = ""
+            for impl, prefix in TOOLKIT_ROWS.items():
+                clock, compile_seconds = fits.get(impl, (None, None))
+                if clock is None:
+                    cells += f"{'-':>12}{'-':>6}{'-':>8}"
+                    continue
+                ratio = clock.reached / ref_t if clock.reached and ref_t else None
+                row.update({f"{prefix}_seconds_to_target": clock.reached, f"{prefix}_steps": clock.steps,
+                            f"{prefix}_final_loglik": clock.last, f"{prefix}_time_ratio": ratio})
+                cells += (f"{'never' if clock.reached is None else format(clock.reached, '.3f'):>12}"
+                          f"{clock.steps:>6}{'-' if ratio is None else format(ratio, '.2f') + 'x':>8}")
+                if compile_seconds is not None:
+                    row[f"{prefix}_compile_seconds"] = compile_seconds
             rows.append(row)
-            fmt = lambda v: "never" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"{model:<26}{n:>9} {ref_name:<36}{best:>9.4f}{fmt(ref_t):>8}{ref_iters:>6}"
-                  f"{fmt(clock.reached):>10}{clock.steps:>6}"
-                  f"{'-' if row['time_ratio'] is None else format(row['time_ratio'], '.2f') + 'x':>10}",
-                  flush=True)
+            compile_seconds = row.get("compiled_compile_seconds")
+            print(f"{model:<26}{n:>9} {ref_name:<36}{best:>9.4f}{'never' if ref_t is None else format(ref_t, '.3f'):>8}{ref_iters:>6}{cells}"
+                  f"{'-' if compile_seconds is None else format(compile_seconds, '.1f'):>10}", flush=True)
     metrics = {"tolerance": args.tolerance, "rows": rows}
     save_figure(plots.bar_chart({f"{r['model'].split(' ')[0]} N={r['N']:.0e} {who}":
                                  r[f"{key}_seconds_to_target"] or float("nan")
-                                 for r in rows for who, key in (("reference", "reference"), ("toolkit", "toolkit"))},
+                                 for r in rows for who, key in (("reference", "reference"), *TOOLKIT_ROWS.items())
+                                 if f"{key}_seconds_to_target" in r},
                                 ylabel="seconds to target",
                                 title=f"Time to the reference's held-out log-likelihood - {args.tolerance} nats"),
                 args.out, "seconds_to_target")
     write_metrics(args.out, metrics)
     print_summary("Time to the reference's held-out log-likelihood (within the tolerance); "
                   "ratio toolkit / reference",
-                  {f"{r['model']} N={r['N']}": r["time_ratio"] for r in rows})
+                  {f"{r['model'].split(' ')[0]} N={r['N']} {impl}": r[f"{prefix}_time_ratio"]
+                   for r in rows for impl, prefix in TOOLKIT_ROWS.items() if f"{prefix}_time_ratio" in r})
     return metrics
 
 
