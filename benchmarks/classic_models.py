@@ -241,7 +241,7 @@ def main(argv=None):
         fit_gmm(GaussianMixture(2, 2), torch.randn(200, 2), num_steps=2, compile=True)
     rows = []
     header = (f"{'model':<26}{'N':>9} {'reference':<36}{'L*':>9}{'ref s':>8}{'iters':>6}"
-              + "".join(f"{label + ' s':>12}{'steps':>6}{'ratio':>8}" for label in ("fit", "compiled"))
+              + "".join(f"{label + ' s':>12}{'steps':>6}{'ratio':>10}" for label in ("fit", "compiled"))
               + f"{'compile s':>10}")
     print(header)
     for n in sizes:
@@ -254,13 +254,13 @@ def main(argv=None):
             for impl, prefix in TOOLKIT_ROWS.items():
                 clock, compile_seconds = fits.get(impl, (None, None))
                 if clock is None:
-                    cells += f"{'-':>12}{'-':>6}{'-':>8}"
+                    cells += f"{'-':>12}{'-':>6}{'-':>10}"
                     continue
                 ratio = clock.reached / ref_t if clock.reached and ref_t else None
                 row.update({f"{prefix}_seconds_to_target": clock.reached, f"{prefix}_steps": clock.steps,
                             f"{prefix}_final_loglik": clock.last, f"{prefix}_time_ratio": ratio})
                 cells += (f"{'never' if clock.reached is None else format(clock.reached, '.3f'):>12}"
-                          f"{clock.steps:>6}{'-' if ratio is None else format(ratio, '.2f') + 'x':>8}")
+                          f"{clock.steps:>6}{'-' if ratio is None else format(ratio, '.2f') + 'x':>10}")
                 if compile_seconds is not None:
                     row[f"{prefix}_compile_seconds"] = compile_seconds
             rows.append(row)
