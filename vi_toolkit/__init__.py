@@ -9,6 +9,7 @@ from importlib.metadata import version
 
 from .callbacks import Callback, Checkpoint, Convergence, EarlyStopping, FitEvent, FitState
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data import DataSets
 from .devices import resolve_device
 from .distributed import DistributedError
 from .elbo import IWAE, make_elbo
@@ -21,7 +22,7 @@ from .specs import Rebuildable
 
 __version__ = version("vi-toolkit")  # one source: pyproject.toml
 
-__all__ = ["fit", "FitOptions", "FitResult", "load", "load_fit", "Callback", "FitState", "FitEvent",
+__all__ = ["fit", "FitOptions", "DataSets", "FitResult", "load", "load_fit", "Callback", "FitState", "FitEvent",
            "EarlyStopping", "Convergence", "Checkpoint", "CSVLogger", "TensorBoardLogger",
            "DivergenceError", "FitError", "DistributedError", "data_plate", "make_elbo", "IWAE",
            "Rebuildable", "resolve_device", "save_checkpoint", "load_checkpoint", "__version__"]

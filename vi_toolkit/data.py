@@ -2,8 +2,20 @@
 
 Dimension 0 indexes data points. A fit calls ``model(x, num_data=N)`` for a tensor,
 ``model(*batch, num_data=N)`` for a tuple and ``model(**batch, num_data=N)`` for a
-dict, with every tensor indexed by the same minibatch.
+dict, with every tensor indexed by the same minibatch (:class:`FitData`).
+
+Several data sets of their own sizes, in one fit (:class:`DataSets`): a model and guide of
+sets s = 1..S, each of N_s points minibatched B_s at a time, get one keyword per set and
+``num_data={s: N_s}``, and scale each set's terms by its own N_s / B_s (its own plate,
+:func:`vi_toolkit.plates.data_plate`), so that
+
+    ELBO_B = E_q[ global terms + sum_s N_s/B_s sum_{i in B_s} local terms of point i of set s ]
+
+is unbiased for the full ELBO whatever the batch sizes.
 """
+
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -138,3 +150,135 @@ class FitData:
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n), device=self.device)
             yield self.batch(index)
+
+
+class DataSets:
+    """Several data sets in one fit, each with its own size, minibatches and plate.
+
+    ``DataSets(labelled=(x_l, y_l), unlabelled=x_u)`` names each set by a keyword; its value
+    is data as :func:`vi_toolkit.fit` takes them (a tensor, or a tuple or dict of tensors
+    sharing dimension 0). A fit calls the model and the guide with one keyword per set, the
+    set's minibatch in its own structure, and ``num_data`` the dict of the sets' sizes::
+
+        model(labelled=(x_b, y_b), unlabelled=u_b, num_data={"labelled": N_l, "unlabelled": N_u})
+
+    and the model opens each set's plate with
+    ``vi_toolkit.data_plate(x_b, num_data, name="labelled")``, so that the set's terms are
+    scaled by its own N_s / B_s (see :mod:`vi_toolkit.plates`). Set s is minibatched with its
+    own batch size B_s (:meth:`batch_sizes`) from a permutation of its own. An epoch is the
+    pass of the set that needs the most batches: every set starts a new permutation with
+    each epoch, and a set covered before the epoch ends starts another, so that each epoch
+    covers every set at least once.
+
+    Within the fit's machinery a ``DataSets`` stands where a :class:`FitData` does: its
+    ``tensors`` are every set's tensors in order (``labelled[0], labelled[1], unlabelled``),
+    and ``num_data`` is the total N = sum_s N_s.
+
+    Raises:
+        ValueError: no set, a name that cannot be a keyword (or is ``num_data``), or a set's
+            data invalid as :class:`FitData` checks them (the message names the set).
+    """
+
+    kind = "sets"
+
+    def __init__(self, **sets):
+        if not sets:
+            raise ValueError("DataSets needs at least one named data set, e.g. "
+                             "DataSets(labelled=(x, y), unlabelled=u)")
+        for name in sets:
+            if not name.isidentifier() or name == "num_data":
+                raise ValueError(f"DataSets: {name!r} cannot name a data set (the model gets each "
+                                 "set as a keyword argument, beside num_data)")
+        self.sets = {name: value if isinstance(value, FitData) else FitData(value, name=name)
+                     for name, value in sets.items()}
+        self.name, self.keys = "data", list(self.sets)
+        self.sizes = {name: part.num_data for name, part in self.sets.items()}
+        self.num_data = sum(self.sizes.values())
+        self.tensors = [t for part in self.sets.values() for t in part.tensors]
+        self.device = self.tensors[0].device
+
+    def to(self, device) -> "DataSets":
+        """The same sets on ``device`` (moved once, then checked where they live)."""
+        return DataSets(**{name: FitData(part.structured(part.tensors), name=name, device=device)
+                           for name, part in self.sets.items()})
+
+    def batch_sizes(self, batch_size) -> dict:
+        """Each set's batch size B_s, ``{set: B_s}``.
+
+        Args:
+            batch_size: ``None`` (every set whole), an int B (proportional: with
+                S = ceil(N / B) steps an epoch, B_s = ceil(N_s / S), so that an epoch covers
+                every set once) or a dict ``{set: B_s}`` naming every set.
+
+        Raises:
+            ValueError: a dict whose sets differ from these, or a batch size that is not an
+                integer between 1 and its set's size (the message names the set).
+        """
+        if batch_size is None:
+            return dict(self.sizes)
+        if isinstance(batch_size, dict):
+            if set(batch_size) != set(self.sizes):
+                raise ValueError(f"batch_size: a dict must give the batch size of each data set "
+                                 f"{sorted(self.sizes)}, got one for {sorted(batch_size)}")
+            sizes = {}
+            for name, b in batch_size.items():
+                n = self.sizes[name]
+                if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= n:
+                    raise ValueError(f"batch_size[{name!r}] must be an integer between 1 and the size "
+                                     f"of data set {name!r} ({n} points), got {b!r}")
+                sizes[name] = int(b)
+            return {name: sizes[name] for name in self.sizes}
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or not 1 <= batch_size <= self.num_data:
+            raise ValueError(f"batch_size must be an integer between 1 and the number of data points "
+                             f"of all the sets ({self.num_data}), or a dict {{set: size}}, got {batch_size!r}")
+        steps = math.ceil(self.num_data / batch_size)
+        return {name: math.ceil(n / steps) for name, n in self.sizes.items()}
+
+    def steps_per_epoch(self, batch_sizes: dict, drop_last: bool = False) -> int:
+        """Steps of an epoch: those of the set that needs the most batches of its size."""
+        per_set = (n // batch_sizes[name] if drop_last else math.ceil(n / batch_sizes[name])
+                   for name, n in self.sizes.items())
+        return max(per_set)
+
+    def fingerprint(self):
+        """The sets' names and each set's :meth:`FitData.fingerprint`."""
+        return "sets;" + ";".join(f"{name}=({part.fingerprint()})" for name, part in self.sets.items())
+
+    def split(self, tensors) -> dict:
+        """``tensors`` (every set's, in order) as ``{set: that set's tensors}``."""
+        out, start = {}, 0
+        for name, part in self.sets.items():
+            out[name] = list(tensors[start:start + len(part.tensors)])
+            start += len(part.tensors)
+        return out
+
+    def batch(self, index=None):
+        """Every set's tensors at ``index``: ``{set: LongTensor, or None for the whole set}``."""
+        if index is None:
+            return self.tensors
+        return [t for name, part in self.sets.items() for t in part.batch(index[name])]
+
+    def call_args(self, tensors, num_data):
+        """``((), {set: batch, ..., "num_data": {set: N_s}})`` for a model of these sets.
+
+        ``num_data=None`` leaves ``num_data`` out (a model that does not take it); any other
+        value passes the sets' own sizes.
+        """
+        kwargs = self.structured(tensors)
+        if num_data is not None:
+            kwargs["num_data"] = dict(self.sizes)
+        return (), kwargs
+
+    def labels(self):
+        """The name of each tensor, as error messages give it: ``labelled[0]``, ``unlabelled``."""
+        return [label for part in self.sets.values() for label in part.labels()]
+
+    def structured(self, tensors):
+        """``tensors`` (every set's, in order) as ``{set: data in the set's own structure}``."""
+        return {name: part.structured(ts) for (name, part), ts in
+                zip(self.sets.items(), self.split(tensors).values())}
+
+    def head(self, num_points):
+        """The first ``num_points`` points of each set: ``{set: data in its own structure}``."""
+        return {name: part.head(num_points) for name, part in self.sets.items()}

@@ -19,7 +19,7 @@ from .engine import fit
 # example scripts the demo runs with --quick, in this order (added by each model family)
 DEMO_EXAMPLES = ["posterior_analysis", "autoencoders", "denoising", "latent_sampling", "vae_kl",
                  "kingma_welling", "latent_walk", "gmm", "hmm", "ppca", "discriminant", "bayesnet",
-                 "topics"]
+                 "topics", "ssvae"]
 
 
 def conjugate_section(seed, device, quick):

@@ -36,7 +36,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from .callbacks import Checkpoint, Convergence, EarlyStopping, ProgressBar, as_callbacks
-from .data import FitData
+from .data import DataSets, FitData
 from .elbo import make_elbo
 from .linear import linear_backend, resolve_backend
 from .loop import Loop, device_context
@@ -58,7 +58,8 @@ class FitOptions:
         optimizer_args: keyword arguments of the optimizer (betas, momentum, ...).
         clip_norm: clip the global gradient norm to this (positive).
         drop_last: drop the last, smaller batch of each epoch.
-        val_batch_size: batch size for the held-out ELBO (default: ``batch_size``).
+        val_batch_size: batch size for the held-out ELBO (default: ``batch_size``); with
+            several data sets, for evaluating each set's ELBO (default: the set's own).
         log_every: steps between read-backs of the loss (progress, divergence check).
         validate: Pyro's distribution checks on the first traces and step (``"first"``:
             they cost about 10% of a small network's step), at every step (``True``), never
@@ -150,6 +151,22 @@ def check_sites(model_trace, guide_trace, data):
                              f"{tuple(fn.event_shape)})")
 
 
+def _check_data_sets(strategy, val_data, until, elbo):
+    """The settings a fit of several data sets cannot take: a ``ValueError`` naming each."""
+    what = "a fit of several data sets (vi_toolkit.DataSets)"
+    if val_data is not None:
+        raise ValueError(f"val_data: {what} records each set's training ELBO (history['elbo_<set>']) "
+                         "but takes no held-out data; evaluate held-out data after the fit")
+    if until is not None:
+        raise ValueError(f"until: {what} cannot run until converged (the stationarity check "
+                         "probes one data set)")
+    if strategy.world > 1:
+        raise ValueError(f"{what} runs in one process: a distributed fit splits one data set")
+    if elbo in ("iwae", "iwae-dreg"):
+        raise ValueError(f"elbo={elbo!r} scales the points of one data plate ('data'); for {what} "
+                         "use 'trace', 'meanfield', 'enum' or 'stl'")
+
+
 def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", lr=None,
         lr_schedule=None, batch_size=None, num_epochs=None, num_steps=None, val_data=None, patience=None,
         tol_rel_obj=None, until=None, callbacks=(), transform=None, device="auto", seed=None, progress=True,
@@ -162,7 +179,15 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
             ``PyroModule``.
         guide: a Pyro callable taking the model's arguments: a function, a ``PyroModule``
             or an autoguide.
-        data: a tensor, or a tuple or dict of tensors sharing dimension 0 (data points).
+        data: a tensor, or a tuple or dict of tensors sharing dimension 0 (data points); or
+            several data sets of their own sizes, ``vi_toolkit.DataSets(labelled=(x, y),
+            unlabelled=u)`` (:class:`~vi_toolkit.data.DataSets`): the model and guide then get
+            one keyword per set, each set's batch, and ``num_data={set: N_s}``, open a plate
+            per set with ``data_plate(x, num_data, name=set)`` (each scaled by its own
+            N_s / B_s), and ``history`` holds each set's ELBO per point, ``elbo_<set>``,
+            evaluated over the whole set at each epoch's end (the terms of the sites in its
+            plate), beside the total ``elbo``. Such a fit runs in one process, with the eager
+            step, without ``val_data``, ``until`` or the importance-weighted ELBOs.
         elbo: ``"auto"``, ``"trace"``, ``"meanfield"``, ``"enum"``, ``"iwae"`` or a Pyro ELBO
             (:func:`vi_toolkit.elbo.make_elbo`).
         num_particles: Monte Carlo samples a step.
@@ -172,7 +197,11 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
             otherwise.
         lr_schedule: ``"cosine"``, ``"exponential"`` or ``optimizer -> scheduler``, stepped
             every step (:func:`vi_toolkit.optim.make_scheduler`).
-        batch_size: minibatch size (``None``: full batch).
+        batch_size: minibatch size (``None``: full batch). With several data sets: ``None``
+            (every set whole), the total B (each set's share proportional to its size, so an
+            epoch covers every set once) or ``{set: B_s}``; an epoch is the pass of the set
+            that needs the most batches (each epoch starts every set on a new permutation, and
+            a set covered before the epoch ends starts another).
         num_epochs: passes over the data (default 10; with ``until``, the budget: default 1000).
         num_steps: optimisation steps instead (full batch: default 1000; with ``until``, the
             budget: default 100,000).
@@ -193,7 +222,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
             each step, after each epoch, at the end) or functions ``event -> bool`` called each
             epoch (true stops the fit).
         transform: callable applied to each training batch (list of tensors, returning the
-            list), e.g. dynamic binarization or input corruption.
+            list; with several data sets every set's tensors, in order), e.g. dynamic
+            binarization or input corruption.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
         seed: seeds torch, numpy and random at the start of the fit, so the fit's own random
             draws (initial values of Pyro parameters, guide noise, batches) are reproducible;
@@ -223,24 +253,31 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     strategy = make_strategy(opts.distributed, device)
     dev = strategy.device
     resolve_backend(opts.linear_backend, dev)  # an unknown name fails before any work
-    fit_data = FitData(data, name="data", device=dev)
+    sets = isinstance(data, DataSets)
+    if sets:
+        _check_data_sets(strategy, val_data, until, elbo)
+    fit_data = data.to(dev) if sets else FitData(data, name="data", device=dev)
     val = None
     if val_data is not None:
         val = FitData(val_data, name="val_data", device=dev)
         fit_data.check_like(val)
     n = fit_data.num_data
-    if batch_size is not None:
+    if sets:
+        batch_size = fit_data.batch_sizes(batch_size)
+    elif batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be an integer between 1 and the number of "
                              f"data points ({n}), got {batch_size!r}")
         batch_size = int(batch_size)
+    minibatch = (any(b < fit_data.sizes[s] for s, b in batch_size.items()) if sets
+                 else batch_size is not None and batch_size < n)
     if num_epochs is not None and num_steps is not None:
         raise ValueError("give num_epochs or num_steps, not both")
     num_epochs, num_steps = _optional_int(num_epochs, "num_epochs"), _optional_int(num_steps, "num_steps")
     num_particles = positive_int(num_particles, "num_particles")
     log_every = _optional_int(opts.log_every, "log_every")
     checkpoint_every = _optional_int(opts.checkpoint_every, "checkpoint_every") or 1
-    if is_lbfgs(optimizer) and batch_size not in (None, n):
+    if is_lbfgs(optimizer) and minibatch:
         raise ValueError("optimizer='lbfgs' needs the full batch (batch_size=None): its line "
                          "search assumes a deterministic objective")
     if is_lbfgs(optimizer) and strategy.world > 1:
@@ -262,9 +299,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     if until is not None and lr_schedule is not None:
         raise ValueError("until='converged' sets the learning rate itself (it halves it after each "
                          "stationary phase): leave lr_schedule at None")
-    minibatch = batch_size is not None and batch_size < n
     if minibatch:
-        steps_per_epoch = n // batch_size if opts.drop_last else math.ceil(n / batch_size)
+        steps_per_epoch = (fit_data.steps_per_epoch(batch_size, opts.drop_last) if sets
+                           else n // batch_size if opts.drop_last else math.ceil(n / batch_size))
         total = num_steps or (num_epochs or (10 if until is None else 1000)) * steps_per_epoch
         log_every = log_every or min(steps_per_epoch, 100)
     else:
@@ -284,6 +321,11 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     user_callbacks = as_callbacks(callbacks)
     compiled, not_compiled = compile_plan(compile, total_steps=total, validate=opts.validate,
                                           callbacks=user_callbacks)
+    if sets and compile is not False:
+        if compile is True:
+            raise ValueError("compile=True: a fit of several data sets (vi_toolkit.DataSets) runs the "
+                             "eager step; use compile='auto' or False")
+        compiled, not_compiled = False, "several data sets (vi_toolkit.DataSets): the eager step"
     user_pair = (model, guide)
     for cb in user_callbacks:
         model, guide = cb.wrap(model, guide)
@@ -291,6 +333,11 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     if pass_num_data and not accepts_keyword(guide, "num_data"):
         raise ValueError("the guide must take the same arguments as the model, including "
                          "the keyword num_data (see vi_toolkit.plates)")
+    for role, fn in (("model", model), ("guide", guide)):
+        unknown = [s for s in (fit_data.sizes if sets else ()) if not accepts_keyword(fn, s)]
+        if unknown:
+            raise ValueError(f"data set(s) {unknown}: the {role} takes no keyword argument of that name; "
+                             "it gets each data set as a keyword named after the set (vi_toolkit.DataSets)")
     if strategy.world > 1 and not pass_num_data:
         what = "a distributed fit (each process fits a part of the data)"
         raise ValueError(f"{what} needs a model that takes the keyword num_data and opens its "
@@ -321,7 +368,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         seed = int.from_bytes(os.urandom(4), "little")
     config = {
         "elbo": _name_of(elbo) if isinstance(elbo, str) else type(elbo).__name__,
-        "num_particles": num_particles, "batch_size": batch_size or n, "num_data": n,
+        "num_particles": num_particles, "num_data": n,
+        "batch_size": sum(batch_size.values()) if sets else batch_size or n,  # points a step
         "num_epochs": num_epochs, "num_steps": total, "optimizer": _name_of(optimizer),
         "lr": lr, "clip_norm": opts.clip_norm, "log_every": log_every,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
@@ -334,6 +382,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     }
     if strategy.world > 1:
         config["world_size"] = strategy.world
+    if sets:
+        config["data_sets"] = {s: {"num_data": fit_data.sizes[s], "batch_size": batch_size[s]}
+                               for s in fit_data.sizes}
 
     def call_args(tensors, of):
         return of.call_args(tensors, of.num_data if pass_num_data else None)

@@ -12,12 +12,22 @@ holds the last good state. At each epoch's end (a full-batch fit: each interval)
 training ELBO per point, the held-out ELBO and the learning rate are recorded and the
 callbacks' ``on_epoch_end`` runs.
 
+Several data sets (:class:`~vi_toolkit.data.DataSets`): each step takes every set's next
+batch from a permutation of that set; an epoch is ``steps_per_epoch`` steps, the pass of the
+set that needs the most batches, every set starts a new permutation with each epoch, and a
+set covered before the epoch ends starts another. At
+each epoch's end the ELBO of every set s is evaluated over the whole set, in its own batches,
+with the terms of every site outside its plate masked out (:func:`~vi_toolkit.plates.only_plate`):
+``elbo_<s>`` = (1/N_s) sum_i E_q[log p(x_si, z_si | theta) - log q(z_si | x_si)], per point of
+the set; global terms (a prior on theta) are in the total ``elbo`` only.
+
 The loop owns the fit's progress (step, epoch, position in the permutation, history) and
 assembles the checkpoint: the step's state, the progress, the callbacks' states and every
 random number generator's state.
 """
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -29,15 +39,18 @@ import torch
 
 from .callbacks import FitState
 from .checkpoint import get_rng_state, load_checkpoint, set_rng_state
+from .data import DataSets
 from .distributed import DistributedError
 from .errors import DivergenceError, FitError
 from .optim import current_lr
+from .plates import only_plate
 from .result import PROBE_POINTS, FitResult, capture_state
+from .step import map_tensors
 from .traces import describe_tensors, modules_of, trace_pair
 
 # the settings a resumed fit must share with the fit that wrote the checkpoint
 RESUME_KEYS = ("elbo", "num_particles", "batch_size", "num_data", "optimizer", "lr",
-               "clip_norm", "seed", "drop_last", "world_size", "data_fingerprint")
+               "clip_norm", "seed", "drop_last", "world_size", "data_fingerprint", "data_sets")
 HISTORY_KEYS = ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")
 
 
@@ -51,15 +64,19 @@ class Loop:
         self.user_pair = user_pair or (model, guide)  # as given, before callbacks wrapped them
         self.step_fn, self.strategy, self.elbo = step_fn, strategy, elbo
         self.batch_size, self.total_steps, self.steps_per_epoch = batch_size, total_steps, steps_per_epoch
-        self.minibatch = batch_size < data.num_data
+        self.sets = isinstance(data, DataSets)  # batch_size is then {set: B_s}
+        self.minibatch = (any(batch_size[s] < n for s, n in data.sizes.items()) if self.sets
+                          else batch_size < data.num_data)
         self.log_every, self.drop_last, self.val_batch_size = log_every, drop_last, val_batch_size
         self.transform, self.callbacks, self.config = transform, callbacks, config
         self.call_args = call_args
         self.device = strategy.device
-        self.history = {k: [] for k in HISTORY_KEYS}
+        self.history = {k: [] for k in HISTORY_KEYS + tuple(f"elbo_{s}" for s in (data.sizes if self.sets else ()))}
         self.step = self.epoch = self.pos = 0
         self.interval = []  # losses since the last recorded epoch (or interval)
         self.perm = None
+        if self.sets:  # each set's position in its own permutation
+            self.pos, self.perm = {s: 0 for s in data.sizes}, {}
         self.share = 1.0
         self.state = FitState(self)
 
@@ -67,6 +84,8 @@ class Loop:
     def next_batch(self):
         """The next training batch (this process's part) and whether it ends an epoch."""
         n, b = self.data.num_data, self.batch_size
+        if self.sets and self.minibatch:
+            return self.next_set_batches()
         if not self.minibatch:
             if self.strategy.world == 1:
                 return self.data.tensors, True
@@ -82,6 +101,23 @@ class Loop:
                 self.pos = 0
         index, self.share = self.strategy.shard(index)
         return self.data.batch(index), end
+
+    def next_set_batches(self):
+        """Every set's next batch (see the module) and whether the step ends an epoch."""
+        if self.step % self.steps_per_epoch == 0:  # every set starts a pass with the epoch
+            self.pos = {s: 0 for s in self.pos}
+        index = {}
+        for s, n in self.data.sizes.items():
+            b, pos = self.batch_size[s], self.pos[s]
+            if b == n:
+                index[s] = None
+                continue
+            if pos == 0:
+                self.perm[s] = torch.randperm(n, device=self.device)
+            index[s] = self.perm[s][pos:pos + b]
+            pos += b
+            self.pos[s] = 0 if pos >= n or (self.drop_last and pos + b > n) else pos
+        return self.data.batch(index), (self.step + 1) % self.steps_per_epoch == 0
 
     def transformed(self, tensors):
         if self.transform is None:
@@ -107,7 +143,9 @@ class Loop:
         """
         for module in modules_of(self.model, self.guide).values():
             module.to(self.device)
-        tensors = self.transformed(self.data.batch(torch.arange(self.batch_size, device=self.device)))
+        first = ({s: torch.arange(b, device=self.device) for s, b in self.batch_size.items()} if self.sets
+                 else torch.arange(self.batch_size, device=self.device))
+        tensors = self.transformed(self.data.batch(first))
         args, kwargs = self.call_args(tensors, self.data)
         self.first_args = args, kwargs
         try:
@@ -125,7 +163,9 @@ class Loop:
         frames = {(f.name, f.full_size or f.size, f.size) for site in model_trace.nodes.values()
                   if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized}
         n, b = self.data.num_data, tensors[0].shape[0]
-        if self.minibatch or self.strategy.world > 1:
+        if self.sets:
+            self.check_set_plates(model_trace, frames)
+        elif self.minibatch or self.strategy.world > 1:
             if not self.config["passes_num_data"] and not any(
                     full == n and size == b for _, full, size in frames):
                 raise ValueError(
@@ -154,6 +194,27 @@ class Loop:
                 p.data = p.data.to(self.device)
         return guide_trace, model_trace
 
+    def check_set_plates(self, model_trace, frames):
+        """Each data set has a plate of its own name and size over its batch, and no site lies in
+        two sets' plates; else a ``ValueError`` naming the set."""
+        for s, n in self.data.sizes.items():
+            b = self.batch_size[s]
+            if (s, n, b) not in frames:
+                found = sorted(f"{name!r} of size {full} over {size}" for name, full, size in frames
+                               if name == s) or "none"
+                raise ValueError(
+                    f"data set {s!r} ({n} points, batches of {b}): the model opens no plate named {s!r} "
+                    f"of size {n} over its batch (plates named {s!r}: {found}); open it with "
+                    f"vi_toolkit.data_plate(x, num_data, name={s!r}) in a model that takes num_data, so "
+                    "that the set's terms are scaled by N_s/B_s and its ELBO can be reported")
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            inside = sorted({f.name for f in site["cond_indep_stack"]} & set(self.data.sizes))
+            if len(inside) > 1:
+                raise ValueError(f"site {name!r} lies in the plates of data sets {inside}: each site "
+                                 "belongs to one set's plate, or to none (a global site)")
+
     def initialise(self):
         """Fix the ELBO's plate nesting before the first step, build the step's optimizer."""
         if self.elbo.max_plate_nesting == float("inf"):
@@ -181,6 +242,24 @@ class Loop:
             total = total + self.step_fn.loss(args, kwargs) * tensors[0].shape[0] / fit_data.num_data
         return -float(self.strategy.sum(total)) / fit_data.num_data
 
+    @torch.no_grad()
+    def evaluate_sets(self):
+        """``{set: ELBO per point of the set}`` over every whole set (see the module): the other
+        sets get one point each, whose terms are masked out with everything else."""
+        one = torch.arange(1, device=self.device)
+        out = {}
+        for s, n in self.data.sizes.items():
+            size = self.val_batch_size[s] if isinstance(self.val_batch_size, dict) else self.val_batch_size
+            total = 0.0
+            for start in range(0, n, size):
+                part = torch.arange(start, min(start + size, n), device=self.device)
+                index = {other: one for other in self.data.sizes} | {s: part}
+                args, kwargs = self.call_args(self.data.batch(index), self.data)
+                with only_plate(s):  # the objective's value (Pyro's enum ELBO differentiates only)
+                    total += self.elbo.loss(self.model, self.guide, *args, **kwargs) * part.numel() / n
+            out[s] = -total / n
+        return out
+
     # -- state ---------------------------------------------------------------------------
     def snapshot(self, all_ranks=False):
         """The whole state of the fit, as a checkpoint holds it; with ``all_ranks`` the random
@@ -189,8 +268,8 @@ class Loop:
         state.update({
             "config": dict(self.config),
             "history": {k: list(v) for k, v in self.history.items()},
-            "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos,
-                         "perm": None if self.perm is None else self.perm.clone(),
+            "progress": {"step": self.step, "epoch": self.epoch, "pos": copy.copy(self.pos),
+                         "perm": map_tensors(torch.clone, self.perm),
                          "interval": list(self.interval)},
             "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None
                           for cb in self.callbacks],
@@ -204,8 +283,8 @@ class Loop:
         self.step_fn.load_state_dict(state, source)
         self.history = {k: list(v) for k, v in state["history"].items()}
         prog = state["progress"]
-        self.step, self.epoch, self.pos = prog["step"], prog["epoch"], prog["pos"]
-        self.perm = None if prog["perm"] is None else prog["perm"].to(self.device)
+        self.step, self.epoch, self.pos = prog["step"], prog["epoch"], copy.copy(prog["pos"])
+        self.perm = map_tensors(lambda t: t.to(self.device), prog["perm"])
         self.interval = list(prog["interval"])
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             if cb_state is not None and hasattr(cb, "load_state_dict"):
@@ -226,9 +305,7 @@ class Loop:
             self.strategy.restore_stream(state["rng_ranks"])
 
     def result(self):
-        probe = self.data.head(PROBE_POINTS)
-        probe = {k: v.cpu() for k, v in probe.items()} if isinstance(probe, dict) else (
-            probe.cpu() if torch.is_tensor(probe) else tuple(t.cpu() for t in probe))
+        probe = map_tensors(lambda t: t.cpu(), self.data.head(PROBE_POINTS))
         model, guide = self.user_pair  # as the user gave them, without the callbacks' handlers
         return FitResult(model, guide, {k: list(v) for k, v in self.history.items()},
                          dict(self.config), capture_state(self.model, self.guide), self.device,
@@ -300,6 +377,9 @@ class Loop:
         h["time"].append(time.perf_counter() - start_time)
         if val is not None:
             h["val_elbo"].append(val)
+        if self.sets:
+            for s, value in self.evaluate_sets().items():
+                h[f"elbo_{s}"].append(value)
         self.state.elbo, self.state.val_elbo = elbo, val
         self.call("on_epoch_end", "the end of an epoch")
 

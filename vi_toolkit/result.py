@@ -34,7 +34,7 @@ from pyro.infer import Predictive
 from . import specs
 from .analysis import to_inference_data
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import FitData
+from .data import DataSets, FitData
 from .devices import resolve_device
 from .evaluation import evaluate
 from .traces import accepts_keyword, fit_parameters, modules_of, positive_int, trace_pair
@@ -253,7 +253,8 @@ def _device(device):
 def restore(model, guide, probe, state, source, device):
     """A :class:`FitResult` of ``model`` and ``guide`` with the parameters in ``state``.
 
-    The two run once on ``probe`` (a :class:`~vi_toolkit.data.FitData`) in a parameter store
+    The two run once on ``probe`` (a :class:`~vi_toolkit.data.FitData` or
+    :class:`~vi_toolkit.data.DataSets`) in a parameter store
     of their own, creating their parameters with their constraints (a data-driven
     initialisation such as k-means needs several points); these then take the stored
     values. Names and shapes must match, else ``ValueError`` naming ``source``.
@@ -328,7 +329,8 @@ def load(path, *, model=None, guide=None, device="auto") -> FitResult:
         else:
             built[role] = specs.build(state["spec"][role])
     dev = resolve_device(device)
-    probe = FitData(state["probe"], name=f"{source} probe", device=dev)
+    probe = (DataSets(**state["probe"]).to(dev) if state.get("config", {}).get("data_sets")
+             else FitData(state["probe"], name=f"{source} probe", device=dev))
     return restore(built["model"], built["guide"], probe, state, source, dev)
 
 
@@ -340,7 +342,10 @@ def load_fit(model, guide, data, path, *, device="auto") -> FitResult:
     """
     state = load_checkpoint(path)
     dev = resolve_device(device)
-    probe = FitData(FitData(data, device=dev).head(PROBE_POINTS), device=dev)
+    if isinstance(data, DataSets):
+        probe = DataSets(**data.to(dev).head(PROBE_POINTS))
+    else:
+        probe = FitData(FitData(data, device=dev).head(PROBE_POINTS), device=dev)
     result = restore(model, guide, probe, state, f"checkpoint {os.fspath(path)!r}", dev)
     result.stopped = "loaded"
     return result
