@@ -16,7 +16,6 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
-from torch.distributions import constraints
 
 from vi_toolkit import Callback, DivergenceError, FitError, data_plate, fit, load_checkpoint, make_elbo
 from vi_toolkit import compiled
@@ -28,29 +27,12 @@ from vi_toolkit.models import conjugate
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.traces import fit_parameters, trace_pair
 
+from support import globally_scaled, hierarchical_guide, hierarchical_model
 
 
 @pytest.fixture(scope="module")
 def x():
     return 3.0 + torch.randn(100, generator=torch.Generator().manual_seed(0))
-
-
-def hierarchical_model(x, num_data=None):
-    """mu ~ N(0, 0.5^2); z_i ~ N(mu, 1); x_i ~ N(z_i, 1): one global and N local latents."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 0.5))
-    with data_plate(x, num_data):
-        z = pyro.sample("z", dist.Normal(mu, 1.0))
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def hierarchical_guide(x, num_data=None):
-    m = pyro.param("m", torch.tensor(0.5))
-    s = pyro.param("s", torch.tensor(0.7), constraint=constraints.positive)
-    pyro.sample("mu", dist.Normal(m, s))
-    a = pyro.param("a", torch.tensor(0.3))
-    b = pyro.param("b", torch.tensor(0.8), constraint=constraints.positive)
-    with data_plate(x, num_data):
-        pyro.sample("z", dist.Normal(a * x, b))
 
 
 def graph_of(elbo, model, guide, args, kwargs, **options):
@@ -159,17 +141,9 @@ def test_compiled_gradient_is_unbiased_and_the_globally_scaled_estimator_is_not(
     full = torch.stack(eager_loss_and_grads(full_elbo, hierarchical_model, hierarchical_guide, params,
                                             *full_args)[1])
 
-    def scaled_everywhere(x, num_data=None):
-        with pyro.poutine.scale(scale=num_data / x.shape[0]):
-            hierarchical_model(x, None)
-
-    def scaled_guide(x, num_data=None):
-        with pyro.poutine.scale(scale=num_data / x.shape[0]):
-            hierarchical_guide(x, None)
-
     one = make_elbo("trace", max_plate_nesting=1)
     for model, guide, unbiased in ((hierarchical_model, hierarchical_guide, True),
-                                   (scaled_everywhere, scaled_guide, False)):
+                                   (globally_scaled(hierarchical_model), globally_scaled(hierarchical_guide), False)):
         _, graph = graph_of(one, model, guide, (x[:B],), {"num_data": N}, options={"fallback_random": False})
         grads = torch.stack([torch.stack(graph([x[torch.randperm(N)[:B]]])[1])
                              for _ in range(R)])

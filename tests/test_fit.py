@@ -7,7 +7,6 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroSample
-from torch.distributions import constraints
 
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.models import conjugate
@@ -15,28 +14,12 @@ from vi_toolkit import DivergenceError, FitError, data_plate, fit, make_elbo
 from vi_toolkit.data import FitData
 from vi_toolkit.elbo import IWAE, TraceELBO, TraceMeanFieldELBO
 
+from support import globally_scaled, hierarchical_guide, hierarchical_model
+
 
 @pytest.fixture(scope="module")
 def x():
     return 3.0 + torch.randn(200, generator=torch.Generator().manual_seed(0))
-
-
-def hierarchical_model(x, num_data=None):
-    """mu ~ N(0, 0.5^2); z_i ~ N(mu, 1); x_i ~ N(z_i, 1): one global and N local latents."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 0.5))
-    with data_plate(x, num_data):
-        z = pyro.sample("z", dist.Normal(mu, 1.0))
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def hierarchical_guide(x, num_data=None):
-    m = pyro.param("m", torch.tensor(0.5))
-    s = pyro.param("s", torch.tensor(0.7), constraint=constraints.positive)
-    pyro.sample("mu", dist.Normal(m, s))
-    a = pyro.param("a", torch.tensor(0.3))
-    b = pyro.param("b", torch.tensor(0.8), constraint=constraints.positive)
-    with data_plate(x, num_data):
-        pyro.sample("z", dist.Normal(a * x, b))
 
 
 def _gradient(model, x, num_data, elbo):
@@ -60,15 +43,7 @@ def test_minibatch_gradient_is_unbiased_with_global_and_local_latents(x):
     assert ((grads.mean(0) - full).abs() < 4 * se + 0.02 * full.abs()).all(), (grads.mean(0), full, se)
 
     # the same check rejects the estimator that also scales the global terms by N/B
-    def scaled_everywhere(x, num_data=None):
-        with pyro.poutine.scale(scale=num_data / x.shape[0]):
-            hierarchical_model(x, None)
-
-    def scaled_guide(x, num_data=None):
-        with pyro.poutine.scale(scale=num_data / x.shape[0]):
-            hierarchical_guide(x, None)
-
-    wrong = torch.stack([_gradient(scaled_everywhere, x[torch.randperm(N)[:B]], N, one)
+    wrong = torch.stack([_gradient(globally_scaled(hierarchical_model), x[torch.randperm(N)[:B]], N, one)
                          for _ in range(R)])
     # the global (mu) parameters' gradients are off by far more than the Monte Carlo error
     assert ((wrong.mean(0) - full).abs() > 6 * wrong.std(0) / R ** 0.5).any()
