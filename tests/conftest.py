@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 
 import pyro
@@ -25,6 +26,23 @@ def load_main():
         return module.main
 
     return load
+
+
+@pytest.fixture
+def run_example(load_main, keep_threads):
+    """``run_example("examples/x.py", out, *args, figures=("a.png",))``: run a script's ``main``
+    with ``args`` and ``--out out --device cpu``; check that its metrics.json holds what it
+    returned and that each of ``figures`` was written; return the metrics."""
+
+    def run(script, out, *args, figures=()):
+        metrics = load_main(script)([*args, "--out", str(out), "--device", "cpu"])
+        with open(out / "metrics.json") as f:
+            assert json.load(f) == json.loads(json.dumps(metrics, default=float))
+        for name in figures:
+            assert (out / name).stat().st_size > 0, name
+        return metrics
+
+    return run
 
 
 @pytest.fixture

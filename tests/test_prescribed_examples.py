@@ -1,28 +1,8 @@
 """Smoke tests of the examples of prescribed latent variable models (--quick): linear discriminant
 analysis and a Bayesian network with a latent node."""
 
-import json
-
-import pytest
-
-
-@pytest.fixture
-def run(load_main, keep_threads):
-    """Run an example with --quick; check its metrics.json holds what it returned."""
-
-    def run(name, tmp_path, *extra):
-        metrics = load_main(f"examples/{name}.py")(["--quick", "--out", str(tmp_path), "--device", "cpu",
-                                                     *extra])
-        with open(tmp_path / "metrics.json") as f:
-            assert json.load(f) == json.loads(json.dumps(metrics, default=float))
-        return metrics
-
-    return run
-
-
-def test_discriminant_example(tmp_path, run, capsys):
-    m = run("discriminant", tmp_path)
-    assert (tmp_path / "regions.png").stat().st_size > 0
+def test_discriminant_example(tmp_path, run_example, capsys):
+    m = run_example("examples/discriminant.py", tmp_path, "--quick", figures=("regions.png",))
     assert m["supervised_max_loc_diff_vs_sklearn"] < 0.01
     assert m["supervised_cov_rel_diff_vs_sklearn"] < 0.01
     assert m["supervised_max_proba_diff_vs_sklearn"] < 0.01
@@ -32,9 +12,8 @@ def test_discriminant_example(tmp_path, run, capsys):
     assert "semi_supervised_accuracy" in capsys.readouterr().out
 
 
-def test_bayesnet_example(tmp_path, run):
-    m = run("bayesnet", tmp_path)
-    assert (tmp_path / "cpts.png").stat().st_size > 0
+def test_bayesnet_example(tmp_path, run_example):
+    m = run_example("examples/bayesnet.py", tmp_path, "--quick", figures=("cpts.png",))
     assert m["max_cpt_error"] < 0.2  # 1000 points: each CPT row from a few hundred
     assert abs(m["heldout_loglik"] - m["true_cpts_heldout_loglik"]) < 0.05
     assert abs(m["exact_minus_iwae"]) < 1e-4  # MAP guide, the class summed out: exact weights

@@ -1,8 +1,6 @@
 """The semi-supervised VAE M2: its objective against the identities it must satisfy, bad input,
 the example (quick smoke test; the digits figure against logistic regression, slow)."""
 
-import json
-
 import pyro
 import pytest
 import torch
@@ -14,6 +12,7 @@ from vi_toolkit.models.ssvae import SemiSupervisedVAE
 from vi_toolkit.datasets import load_images
 
 C, D = 4, 6  # classes; latent dimension
+FIGURES = ("elbo.png", "analogies.png")  # what examples/ssvae.py draws
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +104,8 @@ def test_bad_input_is_a_value_error_naming_it(images):
         SemiSupervisedVAE((1, 8, 8), 1, D)
 
 
-@pytest.fixture
-def run(load_main, keep_threads):
-    def run(tmp_path, *extra):
-        metrics = load_main("examples/ssvae.py")(["--out", str(tmp_path), "--device", "cpu", *extra])
-        with open(tmp_path / "metrics.json") as f:
-            assert json.load(f) == json.loads(json.dumps(metrics, default=float))
-        for png in ("elbo.png", "analogies.png"):
-            assert (tmp_path / png).stat().st_size > 0
-        return metrics
-
-    return run
-
-
-def test_ssvae_example_quick(tmp_path, run, capsys):
-    m = run(tmp_path, "--quick")
+def test_ssvae_example_quick(tmp_path, run_example, capsys):
+    m = run_example("examples/ssvae.py", tmp_path, "--quick", figures=FIGURES)
     assert m["num_labelled"] == round(0.1 * (m["num_labelled"] + m["num_unlabelled"]))
     assert m["ssvae_test_accuracy"] > 0.5  # ten classes: chance is 0.1
     assert m["elbo_unlabelled"] > m["elbo_labelled"]  # the labelled ELBO carries alpha log q(y | x) < 0
@@ -127,6 +113,6 @@ def test_ssvae_example_quick(tmp_path, run, capsys):
 
 
 @pytest.mark.slow
-def test_ssvae_with_10_percent_of_the_digits_labelled_beats_logistic_regression(tmp_path, run):
-    m = run(tmp_path)
+def test_ssvae_with_10_percent_of_the_digits_labelled_beats_logistic_regression(tmp_path, run_example):
+    m = run_example("examples/ssvae.py", tmp_path, figures=FIGURES)
     assert m["ssvae_test_accuracy"] > m["logistic_regression_test_accuracy"]

@@ -1,30 +1,15 @@
 """Smoke tests of the topic-model example (--quick): on a simulated corpus, and on Debian's
 fortunes where the package is installed."""
 
-import json
-
 import pytest
 
 from vi_toolkit.corpora import fortunes_installed
 
-
-@pytest.fixture
-def run(load_main, keep_threads):
-    """Run the example with --quick; check its metrics.json holds what it returned."""
-
-    def run(tmp_path, *extra):
-        metrics = load_main("examples/topics.py")(["--quick", "--out", str(tmp_path), "--device", "cpu", *extra])
-        with open(tmp_path / "metrics.json") as f:
-            assert json.load(f) == json.loads(json.dumps(metrics, default=float))
-        for png in ("elbo.png", "categories.png"):
-            assert (tmp_path / png).stat().st_size > 0
-        return metrics
-
-    return run
+FIGURES = ("elbo.png", "categories.png")
 
 
-def test_topics_example_recovers_simulated_topics(tmp_path, run, capsys):
-    m = run(tmp_path, "--corpus", "synthetic")
+def test_topics_example_recovers_simulated_topics(tmp_path, run_example, capsys):
+    m = run_example("examples/topics.py", tmp_path, "--quick", "--corpus", "synthetic", figures=FIGURES)
     assert m["corpus"] == "synthetic"
     assert m["topic_cosine_min"] > 0.8
     assert m["heldout_perplexity"] < 0.95 * m["unigram_perplexity"]
@@ -33,8 +18,8 @@ def test_topics_example_recovers_simulated_topics(tmp_path, run, capsys):
 
 
 @pytest.mark.skipif(not fortunes_installed(), reason="Debian's fortunes package is not installed")
-def test_topics_example_lines_fortune_topics_up_with_their_categories(tmp_path, run, capsys):
-    m = run(tmp_path, "--corpus", "fortunes")
+def test_topics_example_lines_fortune_topics_up_with_their_categories(tmp_path, run_example, capsys):
+    m = run_example("examples/topics.py", tmp_path, "--quick", "--corpus", "fortunes", figures=FIGURES)
     assert m["categories"] == ["computers", "food", "love", "startrek"]
     assert m["nmi_lda"] > m["nmi_random"] + 0.2
     assert m["heldout_perplexity"] < m["unigram_perplexity"]
