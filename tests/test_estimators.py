@@ -209,18 +209,21 @@ def test_make_elbo_builds_the_estimators_by_name():
     assert make_elbo("iwae-dreg", num_particles=3).num_particles == 3
 
 
+def coin_model(x, num_data=None):
+    """c ~ Bernoulli(0.3), x_i | c ~ N(c, 1): a discrete latent, so its guide cannot be reparameterized."""
+    c = pyro.sample("c", dist.Bernoulli(0.3))
+    with data_plate(x, num_data):
+        pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+
+def coin_guide(x, num_data=None):
+    pyro.sample("c", dist.Bernoulli(pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)))
+
+
 @pytest.mark.parametrize("name", ["stl", "iwae-dreg"])
 def test_estimators_refuse_a_guide_that_is_not_reparameterized_naming_the_site(name):
-    def model(x, num_data=None):
-        c = pyro.sample("c", dist.Bernoulli(0.3))
-        with data_plate(x, num_data):
-            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
-
-    def guide(x, num_data=None):
-        pyro.sample("c", dist.Bernoulli(pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)))
-
     with pytest.raises(ValueError, match=f"elbo='{name}'.*guide site 'c'"):
-        make_elbo(name, num_particles=2).differentiable_loss(model, guide, torch.zeros(5))
+        make_elbo(name, num_particles=2).differentiable_loss(coin_model, coin_guide, torch.zeros(5))
 
 
 def offset_guide(x, num_data=None):
@@ -251,16 +254,8 @@ def test_fit_with_stl_sticks_the_landing_on_the_exact_posterior_and_plain_does_n
 
 
 def test_fit_refuses_dreg_for_a_guide_that_is_not_reparameterized():
-    def model(x, num_data=None):
-        c = pyro.sample("c", dist.Bernoulli(0.3))
-        with data_plate(x, num_data):
-            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
-
-    def guide(x, num_data=None):
-        pyro.sample("c", dist.Bernoulli(pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)))
-
     with pytest.raises(FitError, match="guide site 'c'"):
-        fit(model, guide, torch.zeros(5), elbo="iwae-dreg", num_particles=4, num_steps=2, progress=False)
+        fit(coin_model, coin_guide, torch.zeros(5), elbo="iwae-dreg", num_particles=4, num_steps=2, progress=False)
 
 
 # -- KL annealing ---------------------------------------------------------------------------
