@@ -109,10 +109,11 @@ def fit_hmm(hmm, sequences, lengths, *, seed=0, restarts=1, optimizer="lbfgs", l
                    tol_rel_obj=tol_rel_obj, **options)
 
 
-# the MAP objective is deterministic and smooth: full-batch L-BFGS, whose every step (up to 20
-# line-searched iterations) is worth a convergence check (log_every=1: 4 to 6 steps, not 20)
-DISCRIMINANT_DEFAULTS = {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 100, "tol_rel_obj": 1e-8, "progress": False,
-                "options": {"log_every": 1}}
+# the MAP objective of a model whose discrete latents are summed out is deterministic and smooth:
+# full-batch L-BFGS, whose every step (up to 20 line-searched iterations) is worth a convergence
+# check (log_every=1: 4 to 6 steps, not 20); fit_discriminant and fit_bayesnet start from it
+LBFGS_MAP_DEFAULTS = {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 100, "tol_rel_obj": 1e-8, "progress": False,
+                      "options": {"log_every": 1}}
 
 
 def fit_discriminant(lda: LinearDiscriminant, data: tuple, *, restarts: int = 1, seed: int = 0,
@@ -126,7 +127,7 @@ def fit_discriminant(lda: LinearDiscriminant, data: tuple, *, restarts: int = 1,
             where some class has no labelled point, so otherwise one fit is made.
         seed: the first seed (of k-means and of the fit).
         val_data: held-out data of the same structure.
-        **options: passed to :func:`vi_toolkit.fit` (defaults: ``DISCRIMINANT_DEFAULTS``).
+        **options: passed to :func:`vi_toolkit.fit` (defaults: ``LBFGS_MAP_DEFAULTS``).
 
     Returns:
         ``(result, guide)``; ``guide.point_estimate(result)`` gives theta_hat.
@@ -145,15 +146,9 @@ def fit_discriminant(lda: LinearDiscriminant, data: tuple, *, restarts: int = 1,
     _, y, labelled = data
     if bool(torch.bincount(y[labelled], minlength=lda.K).all()):
         restarts = 1  # the initialisation does not depend on the seed
-    options = {**DISCRIMINANT_DEFAULTS, **options}
+    options = {**LBFGS_MAP_DEFAULTS, **options}
     return best_of(restarts, seed, lambda s: discriminant_guides.MAPGuide(lda, discriminant_init(lda, *data, seed=s)),
                    lda.model, data, val_data=val_data, **options)
-
-
-# the MAP objective is deterministic and smooth: full-batch L-BFGS, whose every step (up to 20
-# line-searched iterations) is worth a convergence check (log_every=1: 4 to 6 steps, not 20)
-BAYESNET_DEFAULTS = {"optimizer": "lbfgs", "lr": 1.0, "num_steps": 100, "tol_rel_obj": 1e-8, "progress": False,
-                "options": {"log_every": 1}}
 
 
 def fit_bayesnet(net: BayesianNetwork, data: dict, *, restarts: int = 1, seed: int = 0,
@@ -166,7 +161,7 @@ def fit_bayesnet(net: BayesianNetwork, data: dict, *, restarts: int = 1, seed: i
         restarts: fits from the initialisations ``bayesnet_init(net, seed=seed + r)``.
         seed: the first seed (of the initialisation and of the fit).
         val_data: held-out data of the same structure.
-        **options: passed to :func:`vi_toolkit.fit` (defaults: ``BAYESNET_DEFAULTS``).
+        **options: passed to :func:`vi_toolkit.fit` (defaults: ``LBFGS_MAP_DEFAULTS``).
 
     Returns:
         ``(result, guide)``; ``guide.point_estimate(result)`` gives the CPTs.
@@ -178,7 +173,7 @@ def fit_bayesnet(net: BayesianNetwork, data: dict, *, restarts: int = 1, seed: i
     net.check(data)
     if val_data is not None:
         net.check(val_data)
-    options = {**BAYESNET_DEFAULTS, **options}
+    options = {**LBFGS_MAP_DEFAULTS, **options}
     return best_of(restarts, seed, lambda s: bayesnet_guides.MAPGuide(net, bayesnet_init(net, seed=s)),
                    net.model, data, val_data=val_data, **options)
 
