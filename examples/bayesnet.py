@@ -13,7 +13,6 @@ p(class | answers) of the first test points.
 """
 
 import itertools
-import os
 import time
 
 import matplotlib.pyplot as plt
@@ -23,7 +22,7 @@ import torch
 from vi_toolkit.evaluation import evaluate
 from vi_toolkit.recipes import fit_bayesnet
 from vi_toolkit.models.bayesnet import BayesianNetwork, Node
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 ANSWERS = ["q1", "q2", "q3", "q4", "q5"]
 NODES = [Node("age", 2), Node("class", 3, ("age",))] + [Node(q, 3, ("class",)) for q in ANSWERS[:4]] \
@@ -97,9 +96,7 @@ def main(argv=None):
               title="exact p(class | answers) (bars) and the true class (squares)")
     right.legend(fontsize=8, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, "cpts.png"))
-    plt.close(fig)
+    save_figure(fig, args.out, "cpts")
     return finish(args.out, "Bayesian network with a latent class: CPTs by MAP, the class summed out",
                   metrics, start)
 

@@ -15,7 +15,6 @@ are observed; the classes are summed out elsewhere) is fitted by MAP
 ``regions.png`` draws each fit's decision regions over the training points.
 """
 
-import os
 import time
 
 import matplotlib.pyplot as plt
@@ -26,7 +25,7 @@ from sklearn.mixture import GaussianMixture
 
 from vi_toolkit.recipes import fit_discriminant
 from vi_toolkit.models.discriminant import LinearDiscriminant, label_data
-from vi_toolkit.scripts import finish, parse_args, script_parser
+from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser
 
 TRUE = {"weights": torch.tensor([0.5, 0.3, 0.2]),
         "locs": torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, 3.0]]),
@@ -111,9 +110,7 @@ def main(argv=None):
                  semi_data[2])
     draw_regions(axes[3], lda, labelled_only, x, shown, f"the {len(known)} labelled points alone", semi_data[2])
     fig.tight_layout()
-    os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, "regions.png"))
-    plt.close(fig)
+    save_figure(fig, args.out, "regions")
     return finish(args.out, "Linear discriminant analysis: supervised, unsupervised, semi-supervised",
                   metrics, start)
 
