@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-full docs clean
+.PHONY: demo test test-slow test-compiled bench bench-full docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,21 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# the exact-answer tests with every fit compiled (compile="auto" for any length; fits the
+# compiled step cannot follow fall back with their warning); 14 minutes in one worker on the
+# loaded 2-core machine
+test-compiled: $(STAMP)
+	$(PY) -m pytest -q -n auto --compile-all -rw tests/test_posteriors.py tests/test_fit.py \
+		tests/test_gmm.py tests/test_hmm.py tests/test_ppca.py tests/test_discriminant.py tests/test_bayesnet.py
+
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	for script in benchmarks/*.py; do \
 		$(PY) $$script --quick --out out/bench/$$(basename $$script .py) || exit 1; \
 	done
 
-# full size (about 15 minutes on 2 cores); the VAE benchmarks read Fashion-MNIST from Debian's
+# full size (well over an hour on 2 cores: minibatch_convergence.py alone took 19 minutes);
+# the VAE benchmarks read Fashion-MNIST from Debian's
 # dataset-fashion-mnist package (or pass --data-root to the scripts)
 bench-full: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -53,6 +53,21 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile-all", action="store_true",
+                     help="compile='auto' compiles every fit, however short (vi_toolkit.compiled."
+                          "AUTO_MIN_STEPS = 1): the suite's exact-answer tests then check the "
+                          "compiled step, and fits it cannot follow fall back with their warning")
+
+
+@pytest.fixture(autouse=True)
+def _compile_all(request, monkeypatch):
+    if request.config.getoption("--compile-all"):
+        from vi_toolkit import compiled
+
+        monkeypatch.setattr(compiled, "AUTO_MIN_STEPS", 1)
+
+
 @pytest.fixture(autouse=True)
 def _clean_state():
     """Each test starts with an empty parameter store and validation on."""
