@@ -333,8 +333,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     if pass_num_data and not accepts_keyword(guide, "num_data"):
         raise ValueError("the guide must take the same arguments as the model, including "
                          "the keyword num_data (see vi_toolkit.plates)")
-    for role, fn in (("model", model), ("guide", guide)):
-        unknown = [s for s in (fit_data.sizes if sets else ()) if not accepts_keyword(fn, s)]
+    for role, fn in (("model", model), ("guide", guide)) if sets else ():
+        unknown = [s for s in fit_data.sizes if not accepts_keyword(fn, s)]
         if unknown:
             raise ValueError(f"data set(s) {unknown}: the {role} takes no keyword argument of that name; "
                              "it gets each data set as a keyword named after the set (vi_toolkit.DataSets)")
