@@ -42,7 +42,7 @@ from vi_toolkit import data_plate, fit, plots
 from vi_toolkit.guides.gmm import MAPGuide
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
-from vae_speed import EpochClock, clock_of
+from vae_speed import EpochClock, add_timing_arguments, clock_of
 
 SIGMA_SCHOOLS = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 Y_SCHOOLS = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
@@ -275,12 +275,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3000, help="SVI steps per run")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="run the process on this many cores, torch with as many threads (XLA pinned "
-                             "to the same cores)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock seconds, or the process's CPU seconds (a loaded machine inflates "
-                             "them less)")
+    add_timing_arguments(parser, threads=1)
     args = parse_args(parser, argv)
     names = args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))

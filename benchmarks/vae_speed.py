@@ -51,6 +51,19 @@ def networks(shape, hidden, latent, seed):
             GaussianEncoder(shape, latent, hidden=(hidden,), activation="softplus"))
 
 
+def add_timing_arguments(parser, *, threads):
+    """``--threads`` (default ``threads``; ``None``: all cores) and ``--clock``, read by
+    :func:`clock_of`; returns ``parser``."""
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="run the whole process on this many cores, torch with as many threads "
+                             "(JAX's thread pool is pinned to the same cores)"
+                             + ("; None: all cores" if threads is None else ""))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall-clock seconds, or the process's CPU seconds (a loaded machine "
+                             "inflates them less; with one thread they are the seconds it ran)")
+    return parser
+
+
 def clock_of(args):
     """The timer of ``--clock`` (wall-clock or this process's CPU seconds); wall-clock for the
     scripts that reuse these runs without the option (``scaling.py``)."""
@@ -233,12 +246,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="run the whole process on this many cores, torch with as many threads "
-                             "(JAX's thread pool is pinned to the same cores); default: all cores")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall-clock seconds, or the process's CPU seconds (a loaded machine "
-                             "inflates them less; with one thread they are the seconds it ran)")
+    add_timing_arguments(parser, threads=None)
     args = parse_args(parser, argv)
     if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
