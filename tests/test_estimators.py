@@ -378,6 +378,25 @@ def test_fit_with_reduce_lr_on_plateau_lowers_the_rate_as_the_held_out_elbo_flat
     assert min(lrs) < 0.1  # the held-out ELBO did plateau
 
 
+def test_a_resumed_fit_with_reduce_lr_on_plateau_ends_where_an_uninterrupted_one_ends(tmp_path):
+    x = 3.0 + torch.randn(300, generator=torch.Generator().manual_seed(0))
+    settings = dict(val_data=x[200:], batch_size=20, lr=0.1, seed=0, progress=False)
+    plateau = lambda: [ReduceLROnPlateau(factor=0.5, patience=2)]  # noqa: E731
+    whole = fit(conjugate.model, conjugate_guide.guide, x[:200], num_epochs=30, callbacks=plateau(), **settings)
+    # interrupt after an epoch that did not beat the best held-out ELBO: the count of epochs
+    # without improvement (and the best) must come back from the checkpoint
+    vals = whole.history["val_elbo"]
+    split = next(e for e in range(5, len(vals)) if vals[e - 1] < max(vals[:e - 1]))
+    path = tmp_path / "plateau.pt"
+    fit(conjugate.model, conjugate_guide.guide, x[:200], num_epochs=split, checkpoint=path, callbacks=plateau(),
+        **settings)
+    resumed = fit(conjugate.model, conjugate_guide.guide, x[:200], num_epochs=30, checkpoint=path, resume=True,
+                  callbacks=plateau(), **settings)
+    assert len(set(whole.history["lr"])) > 2  # the rate fell more than once
+    assert resumed.history["lr"] == whole.history["lr"]
+    assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
+
+
 def test_reduce_lr_on_plateau_refuses_a_fit_without_val_data_or_with_its_own_schedule():
     with pytest.raises(ValueError, match="val_data"):
         ReduceLROnPlateau().on_epoch_end(stand_in(val_elbo=None, optimizer=None))

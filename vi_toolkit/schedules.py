@@ -132,7 +132,8 @@ class ReduceLROnPlateau(Callback):
         if state.config.get("lr_schedule") is not None:
             raise ValueError(f"ReduceLROnPlateau sets the learning rate itself: fit with lr_schedule=None, "
                              f"got lr_schedule={state.config['lr_schedule']!r}")
-        self.best, self.bad_epochs = None, 0
+        if state.step == 0:  # a resumed fit keeps the best and the count of its checkpoint
+            self.best, self.bad_epochs = None, 0
 
     def on_epoch_end(self, state):
         """Count epochs without a new best held-out ELBO; after ``patience`` of them lower the rates.
@@ -150,6 +151,13 @@ class ReduceLROnPlateau(Callback):
             for group in state.optimizer.param_groups:
                 group["lr"] = max(self.factor * group["lr"], self.min_lr)
             self.bad_epochs = 0
+
+    def state_dict(self):
+        """The best held-out ELBO and the epochs since it, as a checkpoint keeps them."""
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state):
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
 __all__ = ["KLAnnealing", "ReduceLROnPlateau"]
