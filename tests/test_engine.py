@@ -8,6 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
@@ -354,3 +355,41 @@ def test_a_callback_that_wraps_the_model_leaves_the_result_with_the_users_networ
     with result.scope():
         trained = model.state_dict()
     assert any(not torch.equal(trained[k], before[k]) for k in before)  # the decoder was optimised
+
+
+# -- autoguides with a parameter per data point --------------------------------------------------
+N_POINTS = 200
+
+
+def local_model(x, num_data=None):
+    """z_i ~ N(0, 3^2), x_i ~ N(z_i, 1): one latent per data point, through vi_toolkit.data_plate."""
+    with data_plate(x, num_data):
+        z = pyro.sample("z", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def indexed_model(x, index, num_data=None):
+    """The same model, its plate given each batch's point indices."""
+    with pyro.plate("data", N_POINTS, subsample=index):
+        z = pyro.sample("z", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_an_autoguide_with_a_parameter_per_point_is_refused_for_minibatches_naming_the_site():
+    x = 3 * torch.randn(N_POINTS, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"AutoNormal keeps parameters for each of the 200 data points of latent "
+                                         r"site\(s\) \['z'\].*create_plates"):
+        fit(local_model, AutoNormal(local_model), x, batch_size=50, num_steps=2, progress=False)
+    fit(local_model, AutoNormal(local_model), x, num_steps=2, progress=False)  # the full batch is right
+
+
+def test_an_autoguide_given_each_batchs_indices_fits_the_exact_per_point_posterior():
+    x = 3 * torch.randn(N_POINTS, generator=torch.Generator().manual_seed(0))
+    guide = AutoNormal(indexed_model,
+                       create_plates=lambda x, index, num_data=None: pyro.plate("data", N_POINTS, subsample=index))
+    result = fit(indexed_model, guide, (x, torch.arange(N_POINTS)), batch_size=50, num_epochs=500, lr=0.1,
+                 num_particles=16, lr_schedule="cosine", seed=0, progress=False)
+    # z_i | x_i ~ N(0.9 x_i, 0.9): every point's own posterior, in posterior sds
+    sd = 0.9 ** 0.5
+    assert (result.params["AutoNormal.locs.z"] - 0.9 * x).abs().max() < 0.15 * sd
+    assert (result.params["AutoNormal.scales.z"] / sd - 1).abs().max() < 0.06

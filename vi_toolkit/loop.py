@@ -36,6 +36,7 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide import AutoGuide
 
 from .callbacks import FitState
 from .checkpoint import get_rng_state, load_checkpoint, set_rng_state
@@ -46,7 +47,7 @@ from .optim import current_lr
 from .plates import only_plate
 from .result import PROBE_POINTS, FitResult, capture_state
 from .step import map_tensors
-from .traces import describe_tensors, modules_of, trace_pair
+from .traces import describe_tensors, modules_of, trace_pair, unwrapped
 
 # the settings a resumed fit must share with the fit that wrote the checkpoint
 RESUME_KEYS = ("elbo", "num_particles", "batch_size", "num_data", "optimizer", "lr",
@@ -178,6 +179,9 @@ class Loop:
                     f"minibatching: no plate in the model has size num_data="
                     f"{n}, so its local terms would not be scaled by N/B; "
                     "open the data plate with vi_toolkit.data_plate(x, num_data)")
+            per_point = _per_point_autoguide_site(unwrapped(self.user_pair[1]), n)
+            if per_point:
+                raise ValueError(per_point)
         elif frames and n not in {full for _, full, _ in frames}:
             sizes = ", ".join(f"{name!r} of size {full}" for name, full, _ in sorted(frames))
             warnings.warn(f"data: dimension 0 holds {n} points, but no plate of the model has that "
@@ -476,6 +480,33 @@ def _shape_mismatch(model, guide, args, kwargs):
             return (f"guide site {name!r} has shape {tuple(site['value'].shape)}, but the model's "
                     f"{name!r} has shape {tuple(prior['value'].shape)}")
     return None
+
+
+def _per_point_autoguide_site(guide, num_data):
+    """Why a minibatch fit would pair an autoguide's per-point parameters with other points, or
+    ``None``.
+
+    An autoguide keeps parameters for each data point of a latent site inside the data plate
+    (size N); without ``create_plates`` it opens that plate itself with a random subsample of
+    its own, which is not the batch the fit drew, so each point's parameters would be fitted
+    to other points' data.
+    """
+    if not isinstance(guide, AutoGuide) or getattr(guide, "create_plates", None) is not None:
+        return None
+    frames = getattr(guide, "_prototype_frames", {})
+    sites = sorted(name for name, site in getattr(guide, "prototype_trace", poutine.Trace()).nodes.items()
+                   if site["type"] == "sample" and not site["is_observed"]
+                   and any(f.name in frames and (f.full_size or f.size) == num_data for f in site["cond_indep_stack"]))
+    if not sites:
+        return None
+    return (f"guide {type(guide).__name__} keeps parameters for each of the {num_data} data points of "
+            f"latent site(s) {sites}, and opens the data plate with a random subsample of its own, "
+            "not the batch the fit drew: in minibatches each point's parameters would be fitted to "
+            "other points. Fit on the full batch (batch_size=None), use an amortized guide (an "
+            "encoder of x), or pass each point's index with the data, data=(x, torch.arange(N)), "
+            "open the model's plate with pyro.plate('data', N, subsample=index) and give the "
+            "autoguide the same plate: create_plates=lambda x, index, num_data=None: "
+            "pyro.plate('data', N, subsample=index)")
 
 
 def _nested_data_plate(model_trace, tensors):
