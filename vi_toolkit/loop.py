@@ -493,10 +493,9 @@ def _per_point_autoguide_site(guide, num_data):
     """
     if not isinstance(guide, AutoGuide) or getattr(guide, "create_plates", None) is not None:
         return None
-    frames = getattr(guide, "_prototype_frames", {})
     sites = sorted(name for name, site in getattr(guide, "prototype_trace", poutine.Trace()).nodes.items()
                    if site["type"] == "sample" and not site["is_observed"]
-                   and any(f.name in frames and (f.full_size or f.size) == num_data for f in site["cond_indep_stack"]))
+                   and any(f.vectorized and (f.full_size or f.size) == num_data for f in site["cond_indep_stack"]))
     if not sites:
         return None
     return (f"guide {type(guide).__name__} keeps parameters for each of the {num_data} data points of "
