@@ -21,6 +21,11 @@ import numpy as np
 import torch
 
 
+def _is_count(value, most: int) -> bool:
+    """Whether ``value`` is an integer (not a bool) between 1 and ``most``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 1 <= value <= most
+
+
 def _label(name, key):
     return name if key is None else f"{name}[{key!r}]"
 
@@ -144,6 +149,28 @@ class FitData:
         index = torch.arange(min(num_points, self.num_data), device=self.device)
         return self.structured(self.batch(index))
 
+    def batch_sizes(self, batch_size) -> int:
+        """The batch size B: ``batch_size``, or N for ``None`` (the full batch).
+
+        Raises:
+            ValueError: ``batch_size`` is not an integer between 1 and N.
+        """
+        if batch_size is None:
+            return self.num_data
+        if not _is_count(batch_size, self.num_data):
+            raise ValueError(f"batch_size must be an integer between 1 and the number of "
+                             f"data points ({self.num_data}), got {batch_size!r}")
+        return int(batch_size)
+
+    def minibatched(self, batch_size: int) -> bool:
+        """Whether batches of ``batch_size`` points are smaller than the data."""
+        return batch_size < self.num_data
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
+        """Steps of an epoch in batches of ``batch_size`` (the last, smaller one dropped or not)."""
+        n = self.num_data
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
     def batches(self, batch_size):
         """Consecutive batches covering the data once, in order (for evaluation)."""
         n = self.num_data
@@ -223,23 +250,24 @@ class DataSets:
             sizes = {}
             for name, b in batch_size.items():
                 n = self.sizes[name]
-                if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= n:
+                if not _is_count(b, n):
                     raise ValueError(f"batch_size[{name!r}] must be an integer between 1 and the size "
                                      f"of data set {name!r} ({n} points), got {b!r}")
                 sizes[name] = int(b)
             return {name: sizes[name] for name in self.sizes}
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
-                or not 1 <= batch_size <= self.num_data:
+        if not _is_count(batch_size, self.num_data):
             raise ValueError(f"batch_size must be an integer between 1 and the number of data points "
                              f"of all the sets ({self.num_data}), or a dict {{set: size}}, got {batch_size!r}")
         steps = math.ceil(self.num_data / batch_size)
         return {name: math.ceil(n / steps) for name, n in self.sizes.items()}
 
+    def minibatched(self, batch_sizes: dict) -> bool:
+        """Whether any set's batches are smaller than the set."""
+        return any(part.minibatched(batch_sizes[name]) for name, part in self.sets.items())
+
     def steps_per_epoch(self, batch_sizes: dict, drop_last: bool = False) -> int:
         """Steps of an epoch: those of the set that needs the most batches of its size."""
-        per_set = (n // batch_sizes[name] if drop_last else math.ceil(n / batch_sizes[name])
-                   for name, n in self.sizes.items())
-        return max(per_set)
+        return max(part.steps_per_epoch(batch_sizes[name], drop_last) for name, part in self.sets.items())
 
     def fingerprint(self):
         """The sets' names and each set's :meth:`FitData.fingerprint`."""

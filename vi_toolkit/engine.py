@@ -25,8 +25,6 @@ returned :class:`~vi_toolkit.FitResult`.
 """
 
 import dataclasses
-import math
-import numbers
 import os
 from dataclasses import dataclass
 
@@ -262,15 +260,8 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         val = FitData(val_data, name="val_data", device=dev)
         fit_data.check_like(val)
     n = fit_data.num_data
-    if sets:
-        batch_size = fit_data.batch_sizes(batch_size)
-    elif batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
-            raise ValueError(f"batch_size must be an integer between 1 and the number of "
-                             f"data points ({n}), got {batch_size!r}")
-        batch_size = int(batch_size)
-    minibatch = (any(b < fit_data.sizes[s] for s, b in batch_size.items()) if sets
-                 else batch_size is not None and batch_size < n)
+    batch_size = fit_data.batch_sizes(batch_size)  # B (N for the full batch), or {set: B_s}
+    minibatch = fit_data.minibatched(batch_size)
     if num_epochs is not None and num_steps is not None:
         raise ValueError("give num_epochs or num_steps, not both")
     num_epochs, num_steps = _optional_int(num_epochs, "num_epochs"), _optional_int(num_steps, "num_steps")
@@ -300,8 +291,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         raise ValueError("until='converged' sets the learning rate itself (it halves it after each "
                          "stationary phase): leave lr_schedule at None")
     if minibatch:
-        steps_per_epoch = (fit_data.steps_per_epoch(batch_size, opts.drop_last) if sets
-                           else n // batch_size if opts.drop_last else math.ceil(n / batch_size))
+        steps_per_epoch = fit_data.steps_per_epoch(batch_size, opts.drop_last)
         total = num_steps or (num_epochs or (10 if until is None else 1000)) * steps_per_epoch
         log_every = log_every or min(steps_per_epoch, 100)
     else:
@@ -369,7 +359,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     config = {
         "elbo": _name_of(elbo) if isinstance(elbo, str) else type(elbo).__name__,
         "num_particles": num_particles, "num_data": n,
-        "batch_size": sum(batch_size.values()) if sets else batch_size or n,  # points a step
+        "batch_size": sum(batch_size.values()) if sets else batch_size,  # points a step
         "num_epochs": num_epochs, "num_steps": total, "optimizer": _name_of(optimizer),
         "lr": lr, "clip_norm": opts.clip_norm, "log_every": log_every,
         "lr_schedule": lr_schedule if isinstance(lr_schedule, (str, type(None))) else "custom",
@@ -403,9 +393,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
         config["linear_backend"] = resolve_backend(backend, dev)
         with device_context(dev), linear_backend(config["linear_backend"], dev):
             loop = Loop(model, guide, fit_data, val_data=val, step_fn=None, strategy=strategy,
-                        elbo=None, batch_size=batch_size or n, total_steps=total,
+                        elbo=None, batch_size=batch_size, total_steps=total,
                         steps_per_epoch=steps_per_epoch, log_every=log_every,
-                        drop_last=opts.drop_last, val_batch_size=opts.val_batch_size or batch_size or n,
+                        drop_last=opts.drop_last, val_batch_size=opts.val_batch_size or batch_size,
                         transform=transform, callbacks=user_callbacks + builtin, config=config,
                         call_args=call_args, user_pair=user_pair)
             guide_trace, model_trace = loop.trace_first_batch()

@@ -66,8 +66,7 @@ class Loop:
         self.step_fn, self.strategy, self.elbo = step_fn, strategy, elbo
         self.batch_size, self.total_steps, self.steps_per_epoch = batch_size, total_steps, steps_per_epoch
         self.sets = isinstance(data, DataSets)  # batch_size is then {set: B_s}
-        self.minibatch = (any(batch_size[s] < n for s, n in data.sizes.items()) if self.sets
-                          else batch_size < data.num_data)
+        self.minibatch = data.minibatched(batch_size)
         self.log_every, self.drop_last, self.val_batch_size = log_every, drop_last, val_batch_size
         self.transform, self.callbacks, self.config = transform, callbacks, config
         self.call_args = call_args
