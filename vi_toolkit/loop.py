@@ -52,6 +52,8 @@ from .traces import describe_tensors, modules_of, trace_pair, unwrapped
 # the settings a resumed fit must share with the fit that wrote the checkpoint
 RESUME_KEYS = ("elbo", "num_particles", "batch_size", "num_data", "optimizer", "lr",
                "clip_norm", "seed", "drop_last", "world_size", "data_fingerprint", "data_sets")
+POINTS_ON_DIM0 = ("the toolkit takes dimension 0 as the data points, so the ELBO per point, minibatches "
+                  "and held-out evaluation would count the wrong thing: put the data points on dimension 0")
 HISTORY_KEYS = ("loss", "step", "epoch", "elbo", "val_elbo", "lr", "time")
 
 
@@ -184,14 +186,10 @@ class Loop:
         elif frames and n not in {full for _, full, _ in frames}:
             sizes = ", ".join(f"{name!r} of size {full}" for name, full, _ in sorted(frames))
             warnings.warn(f"data: dimension 0 holds {n} points, but no plate of the model has that "
-                          f"size (its plates: {sizes}); the toolkit takes dimension 0 as the data "
-                          "points, so the ELBO per point, minibatches and held-out evaluation would "
-                          "count the wrong thing: put the data points on dimension 0", stacklevel=3)
+                          f"size (its plates: {sizes}); {POINTS_ON_DIM0}", stacklevel=3)
         nested = _nested_data_plate(model_trace, tensors)
         if nested:
-            warnings.warn(f"data: {nested}; the toolkit takes dimension 0 as the data points, so the "
-                          "ELBO per point, minibatches and held-out evaluation would count the wrong "
-                          "thing: put the data points on dimension 0 (e.g. data.T)", stacklevel=3)
+            warnings.warn(f"data: {nested}; {POINTS_ON_DIM0} (e.g. data.T)", stacklevel=3)
         for p in pyro.get_param_store().values():
             if p.device != self.device:
                 p.data = p.data.to(self.device)
