@@ -149,6 +149,10 @@ class FitData:
         index = torch.arange(min(num_points, self.num_data), device=self.device)
         return self.structured(self.batch(index))
 
+    def first(self, num_points) -> "FitData":
+        """The first ``num_points`` points (at most all) as data of their own."""
+        return FitData(self.head(num_points), name=self.name, device=self.device)
+
     def batch_sizes(self, batch_size) -> int:
         """The batch size B: ``batch_size``, or N for ``None`` (the full batch).
 
@@ -310,3 +314,13 @@ class DataSets:
     def head(self, num_points):
         """The first ``num_points`` points of each set: ``{set: data in its own structure}``."""
         return {name: part.head(num_points) for name, part in self.sets.items()}
+
+    def first(self, num_points) -> "DataSets":
+        """The first ``num_points`` points of each set, as sets of their own."""
+        return DataSets(**{name: part.first(num_points) for name, part in self.sets.items()})
+
+
+def as_fit_data(data, *, name: str = "data", device=None):
+    """``data`` as a fit takes it: a :class:`DataSets` on ``device``, or the :class:`FitData` of
+    a tensor, or a tuple or dict of tensors (``name`` in its error messages)."""
+    return data.to(device) if isinstance(data, DataSets) else FitData(data, name=name, device=device)

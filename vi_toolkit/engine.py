@@ -34,7 +34,7 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from .callbacks import Checkpoint, Convergence, EarlyStopping, ProgressBar, as_callbacks
-from .data import DataSets, FitData
+from .data import DataSets, FitData, as_fit_data
 from .elbo import make_elbo
 from .linear import linear_backend, resolve_backend
 from .loop import Loop, device_context
@@ -254,7 +254,7 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
     sets = isinstance(data, DataSets)
     if sets:
         _check_data_sets(strategy, val_data, until, elbo)
-    fit_data = data.to(dev) if sets else FitData(data, name="data", device=dev)
+    fit_data = as_fit_data(data, device=dev)
     val = None
     if val_data is not None:
         val = FitData(val_data, name="val_data", device=dev)

@@ -34,7 +34,7 @@ from pyro.infer import Predictive
 from . import specs
 from .analysis import to_inference_data
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DataSets, FitData
+from .data import DataSets, FitData, as_fit_data
 from .devices import resolve_device
 from .evaluation import evaluate
 from .traces import accepts_keyword, fit_parameters, modules_of, positive_int, trace_pair
@@ -342,10 +342,7 @@ def load_fit(model, guide, data, path, *, device="auto") -> FitResult:
     """
     state = load_checkpoint(path)
     dev = resolve_device(device)
-    if isinstance(data, DataSets):
-        probe = DataSets(**data.to(dev).head(PROBE_POINTS))
-    else:
-        probe = FitData(FitData(data, device=dev).head(PROBE_POINTS), device=dev)
+    probe = as_fit_data(data, device=dev).first(PROBE_POINTS)
     result = restore(model, guide, probe, state, f"checkpoint {os.fspath(path)!r}", dev)
     result.stopped = "loaded"
     return result
