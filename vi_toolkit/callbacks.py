@@ -96,6 +96,11 @@ class FitState:
         """A :class:`~vi_toolkit.FitResult` of the fit as it stands (a copy)."""
         return self._loop.result()
 
+    def probe(self):
+        """The fit's first data points (at most 100, as a result keeps them), as data of their
+        own on the fit's device (:class:`~vi_toolkit.data.FitData`)."""
+        return self._loop.probe()
+
     def snapshot(self):
         """Everything a checkpoint holds (in every process: a collective in a distributed fit)."""
         return self._loop.snapshot(all_ranks=True)

@@ -305,6 +305,10 @@ class Loop:
         if self.strategy.world > 1:
             self.strategy.restore_stream(state["rng_ranks"])
 
+    def probe(self):
+        """The first ``PROBE_POINTS`` data points, as data of their own (on the fit's device)."""
+        return self.data.first(PROBE_POINTS)
+
     def result(self):
         probe = map_tensors(lambda t: t.cpu(), self.data.head(PROBE_POINTS))
         model, guide = self.user_pair  # as the user gave them, without the callbacks' handlers

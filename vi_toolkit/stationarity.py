@@ -99,7 +99,6 @@ import pyro.poutine as poutine
 import torch
 
 from .callbacks import Callback
-from .data import FitData
 from .optim import current_lr
 from .traces import accepts_keyword, positive_int
 
@@ -362,7 +361,7 @@ class Stationarity(Callback):
 
     def guide_scale(self, state):
         """sqrt(F_jj) of the guide at the current parameters; 1 where F_jj = 0."""
-        probe = FitData(state.result().probe, device=self.ref.device)
+        probe = state.probe()  # the fit's first points, not a copy of the whole fit
         num_data = state.config["num_data"] if accepts_keyword(state.model, "num_data") else None
         args, kwargs = probe.call_args(probe.tensors, num_data)
         params = [state.params[name] for name in self.watched]
