@@ -103,7 +103,8 @@ class NotCompilable(Exception):
     """Why a step cannot be (or can no longer be) replayed from its compiled graph."""
 
 
-def compile_plan(compile, *, total_steps: int, validate, callbacks) -> "tuple[bool, str | None]":
+def compile_plan(compile, *, total_steps: int, validate, callbacks,
+                 eager_only: "str | None" = None) -> "tuple[bool, str | None]":
     """Whether a fit compiles its step, and why not.
 
     Args:
@@ -111,6 +112,8 @@ def compile_plan(compile, *, total_steps: int, validate, callbacks) -> "tuple[bo
         total_steps: the fit's optimisation steps.
         validate: ``FitOptions.validate``.
         callbacks: the fit's :class:`~vi_toolkit.callbacks.Callback` objects.
+        eager_only: why the fit runs the eager step whatever its length (a fit of several
+            data sets), or ``None``: ``"auto"`` then says so without a warning.
 
     Returns:
         ``(compile, reason)``: ``reason`` says why not when ``compile`` is false.
@@ -123,6 +126,10 @@ def compile_plan(compile, *, total_steps: int, validate, callbacks) -> "tuple[bo
         raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
     if compile is False:
         return False, "compile=False"
+    if eager_only:
+        if compile is True:
+            raise ValueError(f"compile=True: {eager_only}; use compile='auto' or False")
+        return False, eager_only
     blocker = None
     if validate is True:
         blocker = ("validate=True checks the distributions of every step, which a compiled graph "

@@ -309,13 +309,9 @@ def fit(model, guide, data, *, elbo="auto", num_particles=1, optimizer="adam", l
                              f">= {strategy.world} (and drop_last=True if the last batch of an epoch "
                              "is smaller)")
     user_callbacks = as_callbacks(callbacks)
-    compiled, not_compiled = compile_plan(compile, total_steps=total, validate=opts.validate,
-                                          callbacks=user_callbacks)
-    if sets and compile is not False:
-        if compile is True:
-            raise ValueError("compile=True: a fit of several data sets (vi_toolkit.DataSets) runs the "
-                             "eager step; use compile='auto' or False")
-        compiled, not_compiled = False, "several data sets (vi_toolkit.DataSets): the eager step"
+    compiled, not_compiled = compile_plan(
+        compile, total_steps=total, validate=opts.validate, callbacks=user_callbacks,
+        eager_only="a fit of several data sets (vi_toolkit.DataSets) runs the eager step" if sets else None)
     user_pair = (model, guide)
     for cb in user_callbacks:
         model, guide = cb.wrap(model, guide)
