@@ -246,8 +246,14 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                        help="comma-separated, of: " + ", ".join(IMPLEMENTATIONS))
     add_timing_arguments(parser, threads=None)
     args = parse_args(parser, argv)
+    chosen = args.implementations.split(",")
+    unknown = sorted(set(chosen) - set(IMPLEMENTATIONS))
+    if unknown:
+        raise ValueError(f"--implementations: unknown {unknown}; use {', '.join(IMPLEMENTATIONS)}")
     if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
     else:
@@ -259,7 +265,7 @@ def main(argv=None):
                "threads": torch.get_num_threads(), "epochs": args.epochs, "clock": args.clock}
     table = []
     for name, run in IMPLEMENTATIONS.items():  # NumPyro last: JAX's thread pool stays busy after it
-        if args.quick and "compiled" in name:  # a smoke test waits on no compiler (tests/test_compiled.py)
+        if name not in chosen or args.quick and "compiled" in name:  # a smoke test waits on no compiler (tests/test_compiled.py)
             continue
         for batch in args.batch_sizes:
             try:
@@ -277,10 +283,12 @@ def main(argv=None):
         metrics[f"b{batch}_product_floor_seconds_per_epoch"] = product_floor(x, args, batch)
     print(f"\n{'batch':>6} {'implementation':<18} {'s/epoch':>9} {'vs fit':>7} {'train ELBO':>11}")
     for batch, name, seconds, elbo in sorted(table, key=lambda row: row[0]):
-        ratio = seconds / metrics[f"b{batch}_fit_seconds_per_epoch"]
-        metrics[f"b{batch}_{metric_key(name)}_vs_fit"] = ratio
+        fit_seconds = metrics.get(f"b{batch}_fit_seconds_per_epoch")
+        if fit_seconds:
+            metrics[f"b{batch}_{metric_key(name)}_vs_fit"] = seconds / fit_seconds
+        ratio = f"{seconds / fit_seconds:>7.2f}" if fit_seconds else f"{'-':>7}"
         compile_seconds = metrics.get(f"b{batch}_{metric_key(name)}_compile_seconds")
-        print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio:>7.2f} {elbo:>11.2f}"
+        print(f"{batch:>6} {name:<18} {seconds:>9.3f} {ratio} {elbo:>11.2f}"
               + (f"   (compiled in {compile_seconds:.1f} s)" if compile_seconds else ""))
     for batch in args.batch_sizes:
         floor = metrics[f"b{batch}_product_floor_seconds_per_epoch"]

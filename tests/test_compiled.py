@@ -20,6 +20,7 @@ from torch import nn
 from vi_toolkit import Callback, DivergenceError, FitError, data_plate, fit, load_checkpoint, make_elbo
 from vi_toolkit import compiled
 from vi_toolkit.compiled import StepGraph, compile_plan, log1p_from_log
+from vi_toolkit.graph_update import AdamRule
 from vi_toolkit.linear import linear_backend, onednn_available
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.guides.gmm import MAPGuide
@@ -152,6 +153,77 @@ def test_compiled_gradient_is_unbiased_and_the_globally_scaled_estimator_is_not(
             assert ((grads.mean(0) - full).abs() < 4 * se + 0.02 * full.abs()).all(), (grads.mean(0), full, se)
         else:
             assert ((grads.mean(0) - full).abs() > 6 * se).any()
+
+
+@pytest.mark.parametrize("optimizer, settings, clip_norm", [
+    (torch.optim.AdamW, {"weight_decay": 0.1, "betas": (0.8, 0.99)}, 0.5),
+    pytest.param(torch.optim.Adam, {"weight_decay": 0.05, "eps": 1e-6}, None, marks=pytest.mark.slow),
+], ids=["AdamW, clipped", "Adam, L2 decay"])
+def test_adam_s_update_in_the_graph_moves_parameters_and_state_as_torch_s_adam(optimizer, settings, clip_norm):
+    """The graph's update (vi_toolkit.graph_update) against torch's Adam stepping the eager
+    gradients from the same start, on a deterministic objective (MAP mixture): parameters, m,
+    v and t equal to float32 rounding after each step, with two parameter groups and a
+    learning rate changed between steps (the graph reads it at every call); a step at the old
+    rate lands elsewhere, so the check sees the rate."""
+    mixture = GaussianMixture(3, 2, "diag")
+    gen = torch.Generator().manual_seed(2)
+    batch = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]])[torch.randint(3, (300,), generator=gen)]
+    args, kwargs = (batch + torch.randn(300, 2, generator=gen),), {"num_data": 300}
+    guide, elbo = MAPGuide(mixture), make_elbo("enum", max_plate_nesting=1)
+    pyro.clear_param_store()
+    with torch.no_grad():
+        trace_pair(mixture.model, guide, args, kwargs)
+    start = {k: v.detach().clone() for k, v in fit_parameters(mixture.model, guide).items()}
+    names = sorted(start)
+
+    def run(params, step_fn):
+        """Four steps from ``start`` (the second group's rate raised before the third); the
+        parameters and Adam's state after each."""
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start[k])
+        opt = optimizer([{"params": [params[k] for k in names[:2]], "lr": 0.05},
+                         {"params": [params[k] for k in names[2:]]}], lr=0.02, **settings)
+        after = []
+        for step in range(4):
+            if step == 2:
+                opt.param_groups[1]["lr"] = 0.2
+            step_fn(opt)
+            after.append({k: (params[k].detach().clone(),
+                              *[opt.state[params[k]][s].clone() for s in ("exp_avg", "exp_avg_sq", "step")])
+                          for k in names})
+        return after
+
+    params = fit_parameters(mixture.model, guide)
+
+    def eager(opt):
+        opt.zero_grad()
+        elbo.differentiable_loss(mixture.model, guide, *args, **kwargs).backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), clip_norm)
+        opt.step()
+
+    expected = run(params, eager)
+    graphs = []
+
+    def in_graph(opt):
+        if not graphs:
+            rule, why = AdamRule.for_step(opt, params.values(), clip_norm=clip_norm, world=1)
+            assert why is None
+            graphs.append(StepGraph(lambda a, k: elbo.differentiable_loss(mixture.model, guide, *a, **k), params,
+                                    args, kwargs, rule=rule))
+        loss, grads = graphs[0](list(args))
+        assert grads == []
+
+    actual = run(params, in_graph)
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        for k in names:
+            for value, reference in zip(a[k], e[k]):
+                assert_float32_close(value, reference)
+    # negative control: at the third step the second group moved by 0.2's step, not 0.02's
+    for k in names[2:]:
+        moved = expected[2][k][0] - expected[1][k][0]
+        assert (actual[2][k][0] - (expected[1][k][0] + moved * 0.1)).abs().max() > 1e-4
 
 
 def test_log1p_from_log_is_log1p_to_float32_rounding_where_log_of_one_plus_y_is_not():

@@ -19,9 +19,13 @@ step's order (Inductor's ``fallback_random``; its own CPU generator took 0.9 ms 
 6,400 normals, torch's 0.03 ms), so a compiled fit draws the eager fit's numbers and equals
 it to float32 rounding; on CUDA they are Inductor's Philox draws, reproducible from the seed
 but not the eager step's numbers. A compiled fit is reproducible from its seed, resumes
-exactly and replays a divergence exactly. The optimizer applies g as in the eager step
-(Adam's fused kernel), so gradient reduction across processes, clipping, schedules and
-checkpoints are those of :class:`~vi_toolkit.step.EagerStep`. The parameters enter the graph
+exactly and replays a divergence exactly. With torch's Adam or AdamW in a single-process fit
+the graph also holds the optimizer's update (:mod:`vi_toolkit.graph_update`: clipping, weight
+decay, the moments, the learning rate read at every call), written into the parameters and
+the torch optimizer's own state, so schedules and checkpoints are those of
+:class:`~vi_toolkit.step.EagerStep`; otherwise (another optimizer, a data-parallel fit, whose
+gradients are reduced across processes) the graph returns g and the optimizer applies it as
+in the eager step; ``config["compile"]["update"]`` says which. The parameters enter the graph
 as inputs, never as constants read from global state: while tracing, every torch call that is
 handed one of them (by the parameter store, a module attribute or a closure) receives the
 graph's input instead.
@@ -87,6 +91,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from .callbacks import Callback
+from .graph_update import AdamRule
 from .step import EagerStep, map_tensors
 from .traces import describe_tensors, trace_pair
 
@@ -223,8 +228,11 @@ def _fixed_parameters():
                                 "number is not fixed before the first step")
 
 
-def _mutated_state(gm):
-    """The first graph input or constant that the graph writes to in place, or ``None``."""
+def _mutated_state(gm, allowed=frozenset()):
+    """The first graph input (other than those at the positions ``allowed``) or constant that
+    the graph writes to in place, or ``None``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    allowed = {placeholders[i] for i in allowed}
     for node in gm.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op != "call_function" or schema is None or not schema.is_mutable:
@@ -232,7 +240,8 @@ def _mutated_state(gm):
         for i, argument in enumerate(schema.arguments):
             value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
             written = argument.alias_info is not None and argument.alias_info.is_write
-            if written and isinstance(value, torch.fx.Node) and value.op in ("placeholder", "get_attr"):
+            if written and isinstance(value, torch.fx.Node) and value.op in ("placeholder", "get_attr") \
+                    and value not in allowed:
                 return f"{node.target} writes to {value.op} {value.target}"
     return None
 
@@ -386,34 +395,44 @@ class StepGraph:
         args, kwargs: a batch's call arguments.
         options: Inductor's settings, e.g. ``{"fallback_random": True}``: draw with torch's
             eager random operations (the eager step's numbers, at some cost in speed).
+        rule: the optimizer's update (:class:`~vi_toolkit.graph_update.AdamRule`), traced
+            into the graph after the gradients, or ``None``: the graph returns the gradients.
 
     Raises:
         NotCompilable: the step cannot be traced (the message says why).
     """
 
-    def __init__(self, loss_fn, params: dict, args, kwargs, options: "dict | None" = None):
+    def __init__(self, loss_fn, params: dict, args, kwargs, options: "dict | None" = None, rule=None):
         start = time.perf_counter()
         tensors, self.key, rebuild = split_inputs(args, kwargs)
         self.params = list(params.values())
         self.names = list(params)
+        self.rule = rule
         used = []
+        n, batch = len(self.params), len(tensors)
 
         def joint(*flat):
-            leaves = [v.requires_grad_() for v in flat[:len(self.params)]]
+            leaves = [v.requires_grad_() for v in flat[:n]]
             with _Substitute({id(p): leaf for p, leaf in zip(self.params, leaves)}), _UnmaskedDice():
-                loss = loss_fn(*rebuild(flat[len(self.params):]))
+                loss = loss_fn(*rebuild(flat[n:n + batch]))
             if not (torch.is_tensor(loss) and loss.requires_grad):
                 raise NotCompilable("the loss does not depend on any parameter")
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             used.extend(g is not None for g in grads)
+            if rule is not None:
+                rule.apply(leaves, grads, flat[n + batch:])
+                return (loss.detach(),)
             return (loss.detach(), *[g for g in grads if g is not None])
+
+        # traced and compiled on copies: tracing runs the step, whose update writes in place
+        example = [p.detach().clone() for p in self.params] + list(tensors) + \
+            ([t.clone() for t in rule.inputs()] if rule is not None else [])
 
         try:
             with torch.enable_grad(), pyro.validation_enabled(False), _traceable_pyro(), _fork_rng(args, kwargs), \
                     _fixed_parameters():
                 cuda = any(t.device.type == "cuda" for t in (*self.params, *tensors))
-                gm = make_fx(joint, None if cuda else _CPU_DECOMPOSITIONS)(*[p.detach() for p in self.params],
-                                                                           *tensors)
+                gm = make_fx(joint, None if cuda else _CPU_DECOMPOSITIONS)(*[t.clone() for t in example])
         except NotCompilable:
             raise
         except Exception as err:  # make_fx names the op that read a value back, or the failure
@@ -421,7 +440,7 @@ class StepGraph:
                                 "a model or guide that reads tensor values in Python (if x > 0, "
                                 ".item(), checks) has no fixed structure") from err
         _route_products(gm)
-        mutated = _mutated_state(gm)
+        mutated = _mutated_state(gm, rule.mutated(n, batch) if rule is not None else frozenset())
         if mutated:
             raise NotCompilable(f"the step changes state other than its parameters ({mutated}), e.g. "
                                 "batch-norm statistics; a compiled graph would not")
@@ -434,13 +453,13 @@ class StepGraph:
                                           options={"triton.cudagraphs": True, **(options or {})})
             self.trace_seconds = time.perf_counter() - start
         else:  # torch's random operations: Inductor's own CPU generator took 0.9 ms for 6,400 normals
-            self.compiled = _standalone_compile(gm, [p.detach() for p in self.params] + list(tensors),
-                                                {"fallback_random": True, **(options or {})})
+            self.compiled = _standalone_compile(gm, example, {"fallback_random": True, **(options or {})})
             self.seconds = time.perf_counter() - start
 
     def __call__(self, tensors):
         """``(loss, grads)`` of one batch (its tensors, as :func:`split_inputs` gives them): the
-        detached loss and the gradients of ``grad_params``.
+        detached loss and the gradients of ``grad_params``; with a ``rule``, the loss and no
+        gradients, the parameters and the optimizer's state updated in place.
 
         Raises:
             NotCompilable: compilation failed (on CUDA: at the first call).
@@ -451,7 +470,8 @@ class StepGraph:
             torch.compiler.cudagraph_mark_step_begin()
         try:
             with torch.no_grad():  # the backward pass is in the graph: inputs need no grad
-                loss, *grads = self.compiled(*[p.detach() for p in self.params], *tensors)
+                extra = self.rule.inputs() if self.rule is not None else ()
+                loss, *grads = self.compiled(*[p.detach() for p in self.params], *tensors, *extra)
         except Exception as err:
             if not first:
                 raise
@@ -505,6 +525,7 @@ class CompiledStep(EagerStep):
         self.eager = self.check_structure = False
         self.unchecked = 0  # steps since the sites were last checked
         self.replay = None  # this step's (graph, tensors)
+        self.rule = None  # the optimizer's update in the graph, decided at the first graph
         report.update(used=True, seconds=0.0, graphs=0, reason=None)
 
     def update(self, args, kwargs, share=1.0):
@@ -519,10 +540,29 @@ class CompiledStep(EagerStep):
                 self.replay = self.graph_for(tensors, key, args, kwargs), tensors
             except NotCompilable as err:
                 self.fall_back(str(err))
-        if self.eager or self.replay[0].cuda:
+        if self.eager:
             return super().update(args, kwargs, share)
-        with torch._C.DisableTorchFunction():
-            return super().update(args, kwargs, share)
+        with contextlib.nullcontext() if self.replay[0].cuda else torch._C.DisableTorchFunction():
+            if self.replay[0].rule is None:
+                return super().update(args, kwargs, share)
+            loss = self.replay_update()
+            if loss is None:  # fell back to the eager step
+                return super().update(args, kwargs, share)
+        return loss * share if share != 1.0 else loss
+
+    def replay_update(self):
+        """One step from a graph that holds the optimizer's update: its loss, or ``None`` when
+        compiling failed (the step falls back)."""
+        graph, tensors = self.replay
+        try:
+            loss, _ = graph(tensors)
+        except NotCompilable as err:  # on CUDA, compiled at the first call
+            self.fall_back(str(err))
+            return None
+        self.time_graph(graph)
+        if self.scheduler is not None:
+            _step_scheduler(self.scheduler)
+        return loss
 
     def gradients(self, args, kwargs):
         """The batch's loss from the compiled graph, the gradients put in each ``.grad``."""
@@ -534,13 +574,17 @@ class CompiledStep(EagerStep):
         except NotCompilable as err:  # on CUDA, compiled at the first call
             self.fall_back(str(err))
             return super().gradients(args, kwargs)
-        if graph not in self.timed:
-            self.timed.add(graph)
-            self.report["seconds"] += graph.seconds
+        self.time_graph(graph)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(graph.grad_params, grads):
             p.grad = g
         return loss
+
+    def time_graph(self, graph):
+        """Add a graph's seconds of tracing and compiling to the report, once."""
+        if graph not in self.timed:
+            self.timed.add(graph)
+            self.report["seconds"] += graph.seconds
 
     def graph_for(self, tensors, key, args, kwargs):
         """The compiled graph for this batch's shapes (traced now if they are new); after an
@@ -552,7 +596,11 @@ class CompiledStep(EagerStep):
                                     f"({describe_tensors(tensors)}); a compiled step holds "
                                     f"{MAX_SPECIALIZATIONS} specializations")
             self.structures[key] = site_structure(self.model, self.guide, args, kwargs)
-            graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs)
+            if not self.graphs:
+                self.rule, why = AdamRule.for_step(self.optimizer, self.params.values(),
+                                                   clip_norm=self.clip_norm, world=self.strategy.world)
+                self.report["update"] = "in the graph" if self.rule else f"by the optimizer: {why}"
+            graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs, rule=self.rule)
             self.report["graphs"] = len(self.graphs)
         elif self.check_structure and self.unchecked >= CHECK_EVERY:
             self.unchecked = 0
@@ -574,5 +622,16 @@ class CompiledStep(EagerStep):
         self.report.update(used=False, reason=reason)
 
     def end_epoch(self):
-        super().end_epoch()
+        if self.rule is None or self.eager or self.epoch_scheduler is None:
+            super().end_epoch()
+        else:
+            _step_scheduler(self.epoch_scheduler)
         self.check_structure = True
+
+
+def _step_scheduler(scheduler):
+    """``scheduler.step()`` after an update made in the graph: torch's scheduler, which counts
+    the optimizer's own ``step`` calls, would warn that the optimizer has not stepped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
