@@ -391,6 +391,7 @@ def test_seeded_compiled_fits_are_bit_identical_equal_the_eager_fit_and_catch_a_
                     progress=False, seed=5, compile=True)
     a, b = (fit(conjugate.model, conjugate_guide.guide, x, **settings) for _ in range(2))
     assert a.config["compile"]["used"] and a.config["compile"]["graphs"] == 1
+    assert a.config["compile"]["update"] == "in the graph"  # Adam's update, with the cosine schedule
     assert a.config["compile"]["seconds"] > 0
     assert a.history["loss"] == b.history["loss"]
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
@@ -413,6 +414,18 @@ def test_seeded_compiled_fits_are_bit_identical_equal_the_eager_fit_and_catch_a_
 
     with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'"):
         fit(growing_model, conjugate_guide.guide, x, callbacks=[switch], **settings)
+
+
+def test_an_optimizer_other_than_adam_applies_the_graph_s_gradients_and_the_report_says_so(x):
+    """SGD with momentum: the graph returns the gradients and torch's SGD applies them; the
+    fit equals the eager one to float32 rounding (the same draws on the CPU)."""
+    settings = dict(optimizer="sgd", options={"optimizer_args": {"momentum": 0.9}}, lr=0.001, num_steps=60,
+                    num_particles=2, progress=False, seed=4)
+    compiled_fit = fit(conjugate.model, conjugate_guide.guide, x, compile=True, **settings)
+    report = compiled_fit.config["compile"]
+    assert report["used"] and report["update"] == "by the optimizer: SGD is not torch's Adam or AdamW"
+    eager = fit(conjugate.model, conjugate_guide.guide, x, compile=False, **settings)
+    assert compiled_fit.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
 
 
 # -- the same fits -------------------------------------------------------------------------
