@@ -420,8 +420,7 @@ class StepGraph:
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             used.extend(g is not None for g in grads)
             if rule is not None:
-                rule.apply(leaves, grads, flat[n + batch:])
-                return (loss.detach(),)
+                return (loss.detach(), *rule.apply(leaves, grads, flat[n + batch:]))
             return (loss.detach(), *[g for g in grads if g is not None])
 
         # traced and compiled on copies: tracing runs the step, whose update writes in place
@@ -472,6 +471,8 @@ class StepGraph:
             with torch.no_grad():  # the backward pass is in the graph: inputs need no grad
                 extra = self.rule.inputs() if self.rule is not None else ()
                 loss, *grads = self.compiled(*[p.detach() for p in self.params], *tensors, *extra)
+            if self.rule is not None:  # the outputs after the loss are the update's scalars
+                grads = []
         except Exception as err:
             if not first:
                 raise

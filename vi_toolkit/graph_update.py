@@ -82,10 +82,18 @@ class AdamRule:
             state += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
         return lrs + state
 
-    def apply(self, params, grads, inputs):
+    def apply(self, params, grads, inputs) -> "list[torch.Tensor]":
         """Adam's update (the module's equations), written into ``params`` and the state
         ``inputs`` (:meth:`inputs`' order) in place; a parameter whose gradient is ``None``
-        (unused by the loss) is left as it is, as torch's Adam leaves it."""
+        (unused by the loss) is left as it is, as torch's Adam leaves it.
+
+        Returns:
+            each parameter's scalars lr / (1 - beta1^t) and sqrt(1 - beta2^t), for the graph to
+            return: an output is computed once, where Inductor would otherwise inline these
+            scalars, two ``pow`` calls, into every vector iteration of the update's loop
+            (3.7x the update's time for a 784 x 400 weight, one thread).
+        """
+        scalars = []
         lrs, state = inputs[:len(self.optimizer.param_groups)], inputs[len(self.optimizer.param_groups):]
         used = [i for i, g in enumerate(grads) if g is not None]
         scale = None
@@ -107,13 +115,15 @@ class AdamRule:
                         g = g + decay * p
                 m_new = torch.lerp(m, g, 1 - beta1)
                 v_new = v * beta2 + (1 - beta2) * g * g
-                bias1 = 1 - torch.pow(beta1, t_new)
+                step_size = lr / (1 - torch.pow(beta1, t_new))
                 bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, t_new))
-                u = u - (lr / bias1) * m_new / (torch.sqrt(v_new) / bias2_sqrt + eps)
+                u = u - step_size * m_new / (torch.sqrt(v_new) / bias2_sqrt + eps)
                 t.copy_(t_new)
                 m.copy_(m_new)
                 v.copy_(v_new)
                 p.copy_(u)
+                scalars += [step_size, bias2_sqrt]
+        return scalars
 
     def mutated(self, num_params, num_batch) -> "set[int]":
         """The graph inputs (by position) that :meth:`apply` writes: parameters and state."""
