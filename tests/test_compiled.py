@@ -523,4 +523,5 @@ def test_a_compiled_step_on_cuda_equals_the_eager_step_and_keeps_everything_on_t
     fits = {c: fit(conjugate.model, conjugate_guide.guide, data, lr=0.05, batch_size=100, num_epochs=30,
                    num_particles=4, device="cuda", progress=False, seed=0, compile=c) for c in (False, True)}
     assert fits[True].config["compile"]["used"] and fits[True].device.type == "cuda"
+    assert fits[True].config["compile"]["update"].startswith("by the optimizer: on CUDA")  # a CUDA graph
     assert math.isclose(fits[True].elbo, fits[False].elbo, abs_tol=0.05)

@@ -20,11 +20,12 @@ step's order (Inductor's ``fallback_random``; its own CPU generator took 0.9 ms 
 it to float32 rounding; on CUDA they are Inductor's Philox draws, reproducible from the seed
 but not the eager step's numbers. A compiled fit is reproducible from its seed, resumes
 exactly and replays a divergence exactly. With torch's Adam or AdamW in a single-process fit
-the graph also holds the optimizer's update (:mod:`vi_toolkit.graph_update`: clipping, weight
+on the CPU the graph also holds the optimizer's update (:mod:`vi_toolkit.graph_update`: clipping, weight
 decay, the moments, the learning rate read at every call), written into the parameters and
 the torch optimizer's own state, so schedules and checkpoints are those of
 :class:`~vi_toolkit.step.EagerStep`; otherwise (another optimizer, a data-parallel fit, whose
-gradients are reduced across processes) the graph returns g and the optimizer applies it as
+gradients are reduced across processes, CUDA, whose CUDA graph needs inputs it does not
+write) the graph returns g and the optimizer applies it as
 in the eager step; ``config["compile"]["update"]`` says which. The parameters enter the graph
 as inputs, never as constants read from global state: while tracing, every torch call that is
 handed one of them (by the parameter store, a module attribute or a closure) receives the

@@ -21,8 +21,10 @@ the parameters and the state in place.
 :meth:`AdamRule.for_step` says when the rule applies: ``torch.optim.Adam`` or ``AdamW`` (as
 ``fit``'s ``"adam"``/``"adamw"`` build them) without ``amsgrad``, ``maximize`` or tensor
 hyperparameters, in a single-process fit (a data-parallel fit reduces the gradients across
-processes between the two halves, outside any graph); otherwise the compiled step hands the
-gradients to the optimizer as before. Step hooks registered on the optimizer do not run.
+processes between the two halves, outside any graph), on the CPU (on CUDA the step is replayed
+as a CUDA graph, which Inductor gives up for a graph that writes its inputs; Adam's fused
+kernel is one launch there); otherwise the compiled step hands the gradients to the optimizer
+as before. Step hooks registered on the optimizer do not run.
 """
 
 import torch
@@ -62,6 +64,9 @@ class AdamRule:
         devices = {p.device for p in params}
         if len(devices) != 1:
             return None, f"parameters on several devices ({sorted(map(str, devices))})"
+        if devices != {torch.device("cpu")}:
+            return None, ("on CUDA the step is replayed as a CUDA graph, which a graph that writes "
+                          "its inputs would not be; Adam's fused kernel applies the gradients")
         return cls(optimizer, params, clip_norm), None
 
     def inputs(self) -> "list[torch.Tensor]":
