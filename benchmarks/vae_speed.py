@@ -24,7 +24,10 @@ to ``fit``, and the training ELBO
 per point each reached in its last epoch, so that equal work is visible; and beside them the
 matrix-product floor: the seconds an epoch's products alone take (every layer's forward
 product, its weight gradient and, past the first layer, its input gradient, by the backend
-``fit`` uses), against which the compiled step and NumPyro are measured.
+``fit`` uses), against which the compiled step and NumPyro are measured. With ``--repeats R``
+each implementation runs R times one after another and the median run is reported (every
+run's seconds are in ``metrics.json``): on a shared virtual machine one run's epochs can be
+10-20% off the next run's.
 """
 
 import math
@@ -246,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each implementation one after another; the median is reported")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                         help="comma-separated, of: " + ", ".join(IMPLEMENTATIONS))
     add_timing_arguments(parser, threads=None)
@@ -269,12 +274,16 @@ def main(argv=None):
             continue
         for batch in args.batch_sizes:
             try:
-                seconds, elbo, *compile_seconds = run(x, args, batch)
+                runs = [run(x, args, batch) for _ in range(args.repeats)]
             except ImportError as err:
                 print(f"{name}: skipped ({err}); install the bench extra")
                 continue
+            seconds = statistics.median(r[0] for r in runs)
+            _, elbo, *compile_seconds = runs[0]
             key = metric_key(name)
             metrics[f"b{batch}_{key}_seconds_per_epoch"] = seconds
+            if args.repeats > 1:
+                metrics[f"b{batch}_{key}_seconds_per_epoch_runs"] = [r[0] for r in runs]
             metrics[f"b{batch}_{key}_train_elbo"] = elbo
             if compile_seconds and compile_seconds[0]:
                 metrics[f"b{batch}_{key}_compile_seconds"] = compile_seconds[0]
