@@ -42,7 +42,7 @@ from vi_toolkit import data_plate, fit, plots
 from vi_toolkit.guides.gmm import MAPGuide
 from vi_toolkit.models.gmm import GaussianMixture
 from vi_toolkit.scripts import finish, parse_args, save_figure, script_parser, use_cores
-from vae_speed import EpochClock, add_timing_arguments, clock_of
+from vae_speed import EpochClock, add_timing_arguments, clock_of, comma_choices
 
 SIGMA_SCHOOLS = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
 Y_SCHOOLS = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
@@ -277,10 +277,7 @@ def main(argv=None):
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     add_timing_arguments(parser, threads=1)
     args = parse_args(parser, argv)
-    names = args.models.split(",")
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise ValueError(f"--models: unknown {unknown}; use {', '.join(MODELS)}")
+    names = comma_choices(args.models, MODELS, "--models")
     if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.steps = 40
     else:

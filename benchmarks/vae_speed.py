@@ -67,6 +67,16 @@ def add_timing_arguments(parser, *, threads):
     return parser
 
 
+def comma_choices(text, allowed, option):
+    """The names of a comma-separated option (``--models``, ``--implementations``), each one of
+    ``allowed``; ``ValueError`` naming ``option`` and the unknown names otherwise."""
+    names = text.split(",")
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"{option}: unknown {unknown}; use {', '.join(allowed)}")
+    return names
+
+
 def clock_of(args):
     """The timer of ``--clock`` (wall-clock or this process's CPU seconds); wall-clock for the
     scripts that reuse these runs without the option (``scaling.py``)."""
@@ -255,10 +265,7 @@ def main(argv=None):
                         help="comma-separated, of: " + ", ".join(IMPLEMENTATIONS))
     add_timing_arguments(parser, threads=None)
     args = parse_args(parser, argv)
-    chosen = args.implementations.split(",")
-    unknown = sorted(set(chosen) - set(IMPLEMENTATIONS))
-    if unknown:
-        raise ValueError(f"--implementations: unknown {unknown}; use {', '.join(IMPLEMENTATIONS)}")
+    chosen = comma_choices(args.implementations, IMPLEMENTATIONS, "--implementations")
     if args.quick:  # a smoke test, maybe inside another process: one thread, no pinning
         args.hidden, args.epochs, args.batch_sizes = 64, 2, [128]
     else:

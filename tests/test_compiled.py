@@ -212,11 +212,11 @@ def test_adam_s_update_in_the_graph_moves_parameters_and_state_as_torch_s_adam(o
             assert why is None
             graphs.append(StepGraph(lambda a, k: elbo.differentiable_loss(mixture.model, guide, *a, **k), params,
                                     args, kwargs, rule=rule))
-        loss, grads = graphs[0](list(args))
+        _, grads = graphs[0](list(args))
         assert grads == []
 
     actual = run(params, in_graph)
-    for step, (a, e) in enumerate(zip(actual, expected)):
+    for a, e in zip(actual, expected):
         for k in names:
             for value, reference in zip(a[k], e[k]):
                 assert_float32_close(value, reference)
