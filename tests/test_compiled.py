@@ -6,6 +6,7 @@ so the default run compiles a few small graphs and the longer checks are marked 
 timing is asserted: speed is the benchmarks' to report.
 """
 
+import copy
 import math
 import os
 import subprocess
@@ -162,9 +163,11 @@ def test_compiled_gradient_is_unbiased_and_the_globally_scaled_estimator_is_not(
 def test_adam_s_update_in_the_graph_moves_parameters_and_state_as_torch_s_adam(optimizer, settings, clip_norm):
     """The graph's update (vi_toolkit.graph_update) against torch's Adam stepping the eager
     gradients from the same start, on a deterministic objective (MAP mixture): parameters, m,
-    v and t equal to float32 rounding after each step, with two parameter groups and a
-    learning rate changed between steps (the graph reads it at every call); a step at the old
-    rate lands elsewhere, so the check sees the rate."""
+    v and t equal to float32 rounding after each step, with two parameter groups, a
+    learning rate changed between steps (the graph reads it at every call) and, before the
+    last step, the state after the second loaded back (``load_state_dict``, as a checkpoint or
+    the last good state: new state tensors, the old rates, which the graph must take up); a
+    step at the old rate lands elsewhere, so the check sees the rate."""
     mixture = GaussianMixture(3, 2, "diag")
     gen = torch.Generator().manual_seed(2)
     batch = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]])[torch.randint(3, (300,), generator=gen)]
@@ -177,17 +180,21 @@ def test_adam_s_update_in_the_graph_moves_parameters_and_state_as_torch_s_adam(o
     names = sorted(start)
 
     def run(params, step_fn):
-        """Four steps from ``start`` (the second group's rate raised before the third); the
-        parameters and Adam's state after each."""
+        """Five steps from ``start`` (the second group's rate raised before the third, the
+        state after the second loaded back before the fifth); the parameters and Adam's state
+        after each."""
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(start[k])
         opt = optimizer([{"params": [params[k] for k in names[:2]], "lr": 0.05},
                          {"params": [params[k] for k in names[2:]]}], lr=0.02, **settings)
         after = []
-        for step in range(4):
+        for step in range(5):
             if step == 2:
+                saved = copy.deepcopy(opt.state_dict())
                 opt.param_groups[1]["lr"] = 0.2
+            if step == 4:
+                opt.load_state_dict(saved)
             step_fn(opt)
             after.append({k: (params[k].detach().clone(),
                               *[opt.state[params[k]][s].clone() for s in ("exp_avg", "exp_avg_sq", "step")])

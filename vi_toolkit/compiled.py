@@ -53,9 +53,12 @@ why (``compile="auto"``), or raises :class:`CompileError` (``compile=True``) whe
 * the batch's shapes change a third time (the full batch and the last, smaller batch of an
   epoch are two specializations, compiled once each);
 * after an epoch's end, at the first step with at least ``CHECK_EVERY`` = 100 steps since
-  the last check (a check costs one eager trace, and draws no random numbers), the sites
-  (names, shapes, distributions, scales, plates) of a guide and model trace differ from those
-  the graph was traced with (a change made by a callback between epochs, say).
+  the last check, the sites (names, shapes, distributions, scales, plates) of a guide and
+  model trace differ from those the graph was traced with (a change made by a callback
+  between epochs, say). A check costs one eager trace (about ten steps of a small model, and
+  no random numbers), so the spacing doubles after every check that finds the sites
+  unchanged, up to :data:`CHECK_AT_MOST` = 800 steps: a full-batch fit, whose every step
+  ends an epoch, spent a tenth of its time checking at a fixed 100.
 
 Python numbers that a model reads are constants of the graph: a model that changes them
 between steps (other than through site scales, which the check above sees at epoch
@@ -98,7 +101,8 @@ from .traces import describe_tensors, trace_pair
 
 AUTO_MIN_STEPS = 20_000
 MAX_SPECIALIZATIONS = 2  # the full batch and the last, smaller batch of an epoch
-CHECK_EVERY = 100  # steps at least between two checks of the sites (one eager trace each)
+CHECK_EVERY = 100  # steps at least between the first checks of the sites (one eager trace each)
+CHECK_AT_MOST = 800  # the spacing, doubled after every check that finds the sites unchanged, up to this
 
 
 class CompileError(RuntimeError):
@@ -251,9 +255,14 @@ def split_inputs(args, kwargs):
     """``(tensors, key, rebuild)``: the tensors of a call's ``(args, kwargs)``, a hashable key of
     their shapes and of the other arguments, and ``rebuild(tensors) -> (args, kwargs)``."""
     slots = [("arg", i, a) for i, a in enumerate(args)] + [("kw", k, v) for k, v in kwargs.items()]
-    tensors = [v for _, _, v in slots if torch.is_tensor(v)]
-    key = tuple((kind, name, (tuple(v.shape), v.dtype, v.device.type) if torch.is_tensor(v) else repr(v))
-                for kind, name, v in slots)
+    tensors, key = [], []  # plain loops: this runs at every compiled step
+    for kind, name, v in slots:
+        if torch.is_tensor(v):
+            tensors.append(v)
+            key.append((kind, name, v.shape, v.dtype, v.device.type))
+        else:
+            key.append((kind, name, repr(v)))
+    key = tuple(key)
 
     def rebuild(values):
         values = iter(values)
@@ -525,7 +534,7 @@ class CompiledStep(EagerStep):
         self.graphs, self.structures = {}, {}  # by the batch's shapes
         self.timed = set()  # the graphs whose compile seconds are in the report
         self.eager = self.check_structure = False
-        self.unchecked = 0  # steps since the sites were last checked
+        self.unchecked, self.check_spacing = 0, CHECK_EVERY  # steps since the sites were last checked, and between checks
         self.replay = None  # this step's (graph, tensors)
         self.rule = None  # the optimizer's update in the graph, decided at the first graph
         report.update(used=True, seconds=0.0, graphs=0, reason=None)
@@ -604,8 +613,8 @@ class CompiledStep(EagerStep):
                 self.report["update"] = "in the graph" if self.rule else f"by the optimizer: {why}"
             graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs, rule=self.rule)
             self.report["graphs"] = len(self.graphs)
-        elif self.check_structure and self.unchecked >= CHECK_EVERY:
-            self.unchecked = 0
+        elif self.check_structure and self.unchecked >= self.check_spacing:
+            self.unchecked, self.check_spacing = 0, min(2 * self.check_spacing, CHECK_AT_MOST)
             now = site_structure(self.model, self.guide, args, kwargs)
             if now != self.structures[key]:
                 changed = sorted({site[:2] for site in set(now) ^ set(self.structures[key])})

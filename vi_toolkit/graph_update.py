@@ -47,6 +47,8 @@ class AdamRule:
         self.groups = [group_of[p] for p in self.params]
         self.decoupled = isinstance(optimizer, torch.optim.AdamW) or any(
             g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
+        self.state_of = None  # the optimizer's state dict that self.state's tensors are from
+        self.state, self.lrs, self.lr_values = [], [], []
 
     @classmethod
     def for_step(cls, optimizer, params, *, clip_norm, world) -> "tuple[AdamRule | None, str | None]":
@@ -69,20 +71,33 @@ class AdamRule:
     def inputs(self) -> "list[torch.Tensor]":
         """The graph's inputs besides parameters and batch: every group's learning rate, then
         each parameter's m, v and t (created here, as torch's Adam creates them, before the
-        first step)."""
-        device = self.params[0].device
-        lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in self.optimizer.param_groups]
-        state = []
-        for p, g in zip(self.params, self.groups):
-            s = self.optimizer.state[p]
-            if not s:
-                fused = self.optimizer.param_groups[g].get("fused") or self.optimizer.param_groups[g].get("capturable")
-                s["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
-                             else torch.tensor(0.0, dtype=torch.get_default_dtype()))
-                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
-        return lrs + state
+        first step).
+
+        The tensors are kept from call to call (a step's fixed cost counts on a small model:
+        building them took 5 of its 115 microseconds): the learning rates are written when a
+        group's rate has changed, and the state's tensors are looked up again when the
+        optimizer's state is a new dict, which ``load_state_dict`` (a checkpoint, a resumed fit,
+        the last good state) makes it."""
+        groups = self.optimizer.param_groups
+        if len(self.lrs) != len(groups):
+            self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.params[0].device) for g in groups]
+            self.lr_values = [g["lr"] for g in groups]
+        for i, group in enumerate(groups):
+            if group["lr"] != self.lr_values[i]:
+                self.lrs[i].fill_(float(group["lr"]))
+                self.lr_values[i] = group["lr"]
+        if self.optimizer.state is not self.state_of:
+            self.state, self.state_of = [], self.optimizer.state
+            for p, g in zip(self.params, self.groups):
+                s = self.optimizer.state[p]
+                if not s:
+                    fused = groups[g].get("fused") or groups[g].get("capturable")
+                    s["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
+                                 else torch.tensor(0.0, dtype=torch.get_default_dtype()))
+                    s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state += [s["exp_avg"], s["exp_avg_sq"], s["step"]]
+        return self.lrs + self.state
 
     def apply(self, params, grads, inputs) -> "list[torch.Tensor]":
         """Adam's update (the module's equations), written into ``params`` and the state
