@@ -24,7 +24,9 @@ milliseconds per step exclude warm-up and compilation: ``fit`` from the end of i
 logging interval, the Pyro loops after the first 10% of the steps, NumPyro from the second
 call of its jitted loop; wall-clock, or with ``--clock cpu`` the process's CPU time (which
 other processes on a shared machine inflate less). The final -ELBO per data point (the mean over
-the last tenth of the steps) is printed beside each, so that equal work is visible.
+the last tenth of the steps) is printed beside each, so that equal work is visible. With
+``--repeats R`` each implementation runs R times one after another and its median run is
+reported (every run's milliseconds are in ``metrics.json``).
 """
 
 import math
@@ -291,16 +293,19 @@ def main(argv=None):
             if args.quick and impl == "fit (compiled)":  # a smoke test waits on no compiler
                 continue
             try:
-                row = run(name, data[name], args)
+                runs = [run(name, data[name], args) for _ in range(args.repeats)]
             except ImportError as err:
                 print(f"{name} / {impl}: skipped ({err}); install the bench extra")
                 continue
             except Exception as err:  # Pyro's JIT does not trace every model
                 print(f"{name} / {impl}: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                 continue
+            row = sorted(runs, key=lambda r: r["ms_per_step"])[(len(runs) - 1) // 2]  # the median run
             rows.append((name, impl, row))
             key = f"{name}_{impl}".replace(" ", "_").replace("(", "").replace(")", "")
             metrics.update({f"{key}_{k}": v for k, v in row.items() if v is not None})
+            if args.repeats > 1:
+                metrics[f"{key}_ms_per_step_runs"] = [r["ms_per_step"] for r in runs]
             print(f"{name:<15} {impl:<15} {row['ms_per_step']:>9.3f} ms/step  -ELBO/point "
                   f"{row['neg_elbo']:>10.4f}" + (f"  compile {row['compile_seconds']:.1f} s"
                                                   if row["compile_seconds"] else ""), flush=True)

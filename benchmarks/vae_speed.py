@@ -55,8 +55,10 @@ def networks(shape, hidden, latent, seed):
 
 
 def add_timing_arguments(parser, *, threads):
-    """``--threads`` (default ``threads``; ``None``: all cores) and ``--clock``, read by
-    :func:`clock_of`; returns ``parser``."""
+    """``--threads`` (default ``threads``; ``None``: all cores), ``--clock``, read by
+    :func:`clock_of`, and ``--repeats``; returns ``parser``."""
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each implementation one after another; the median is reported")
     parser.add_argument("--threads", type=int, default=threads,
                         help="run the whole process on this many cores, torch with as many threads "
                              "(JAX's thread pool is pinned to the same cores)"
@@ -259,8 +261,6 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is a warm-up")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of each implementation one after another; the median is reported")
     parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                         help="comma-separated, of: " + ", ".join(IMPLEMENTATIONS))
     add_timing_arguments(parser, threads=None)

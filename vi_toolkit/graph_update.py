@@ -30,6 +30,10 @@ as before. Step hooks registered on the optimizer do not run.
 import torch
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+# Parameters of at least this many elements have their update's scalars returned by the graph
+# (see AdamRule.apply): each output costs a buffer and a return (about 1 us a step), which a
+# loop of a few vector iterations does not win back.
+SCALARS_OUT_MIN = 1024
 
 
 class AdamRule:
@@ -105,10 +109,11 @@ class AdamRule:
         (unused by the loss) is left as it is, as torch's Adam leaves it.
 
         Returns:
-            each parameter's scalars lr / (1 - beta1^t) and sqrt(1 - beta2^t), for the graph to
-            return: an output is computed once, where Inductor would otherwise inline these
-            scalars, two ``pow`` calls, into every vector iteration of the update's loop
-            (3.7x the update's time for a 784 x 400 weight, one thread).
+            the scalars lr / (1 - beta1^t) and sqrt(1 - beta2^t) of each parameter of at least
+            :data:`SCALARS_OUT_MIN` elements, for the graph to return: an output is computed
+            once, where Inductor would otherwise inline these scalars, two ``pow`` calls, into
+            every vector iteration of the update's loop (3.7x the update's time for a 784 x 400
+            weight, one thread).
         """
         scalars = []
         lrs, state = inputs[:len(self.optimizer.param_groups)], inputs[len(self.optimizer.param_groups):]
@@ -139,7 +144,8 @@ class AdamRule:
                 m.copy_(m_new)
                 v.copy_(v_new)
                 p.copy_(u)
-                scalars += [step_size, bias2_sqrt]
+                if p.numel() >= SCALARS_OUT_MIN:
+                    scalars += [step_size, bias2_sqrt]
         return scalars
 
     def mutated(self, num_params, num_batch) -> "set[int]":
