@@ -204,7 +204,9 @@ def numpyro_problem(name, data):
             numpyro.factor("x", logsumexp(log_lik, -1))
 
     init = MAPGuide(mixture)
-    with torch.no_grad():  # the same k-means start as the toolkit's guide
+    # the same k-means start as the toolkit's guide, from an empty parameter store (a repeated
+    # run would find the guide's parameters there and skip the start)
+    with torch.no_grad(), pyro.get_param_store().scope():
         pyro.poutine.trace(init).get_trace(data[0])
     start = {k: jnp.asarray(v.detach().numpy()) for k, v in init.init.items()}
 

@@ -61,9 +61,11 @@ def test_gradient_estimators_stl_lowers_the_variance_and_dreg_keeps_the_encoder_
 
 def test_small_models_do_equal_work_and_quick_waits_on_no_compiler(run_quick):
     """The MAP mixture's objective is deterministic: fit, Pyro's loop and NumPyro, from the same
-    k-means start, reach the same -ELBO; --quick leaves out the compiled step."""
+    k-means start, reach the same -ELBO, also in a repeated run (--repeats: the start is drawn
+    again, not found in the parameter store); --quick leaves out the compiled step."""
     pytest.importorskip("numpyro")
-    metrics = run_quick("small_models.py", "ms_per_step.png", args=("--models", "gmm"))
+    metrics = run_quick("small_models.py", "ms_per_step.png", args=("--models", "gmm", "--repeats", "2"))
+    assert len(metrics["gmm_numpyro_ms_per_step_runs"]) == 2
     reference = metrics["gmm_numpyro_neg_elbo"]
     for impl in ("fit", "pyro_SVI"):
         assert metrics[f"gmm_{impl}_neg_elbo"] == pytest.approx(reference, rel=1e-4), impl
