@@ -423,6 +423,26 @@ def test_seeded_compiled_fits_are_bit_identical_equal_the_eager_fit_and_catch_a_
         fit(growing_model, conjugate_guide.guide, x, callbacks=[switch], **settings)
 
 
+def test_a_site_added_late_in_a_full_batch_fit_is_caught_within_the_checks_widest_spacing(x):
+    """Full batch: every step ends an epoch, and the check of the sites (one eager trace) spaces
+    itself out while they stay unchanged (100, 200, 400 steps, then CHECK_AT_MOST); a site that
+    a callback adds after 1,000 steps is still caught, no later than CHECK_AT_MOST steps on."""
+    extra = {"on": False}
+
+    def growing_model(x, num_data=None):
+        conjugate.model(x, num_data)
+        if extra["on"]:
+            pyro.sample("nuisance", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    def switch(event):
+        extra["on"] = extra["on"] or event.step >= 1000
+
+    with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'") as caught:
+        fit(growing_model, conjugate_guide.guide, x, num_steps=3000, lr=0.05, progress=False, seed=0,
+            compile=True, callbacks=[switch])
+    assert 1000 < caught.value.step <= 1000 + compiled.CHECK_AT_MOST + 1
+
+
 def test_an_optimizer_other_than_adam_applies_the_graph_s_gradients_and_the_report_says_so(x):
     """SGD with momentum: the graph returns the gradients and torch's SGD applies them; the
     fit equals the eager one to float32 rounding (the same draws on the CPU)."""
