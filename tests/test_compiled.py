@@ -409,6 +409,14 @@ def test_seeded_compiled_fits_are_bit_identical_equal_the_eager_fit_and_catch_a_
     other_seed = fit(conjugate.model, conjugate_guide.guide, x, **{**settings, "compile": False, "seed": 6})
     assert other_seed.history["loss"] != pytest.approx(a.history["loss"], rel=1e-5)
 
+    growing_model, switch = model_that_grows_a_site(after_step=0)
+    with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'"):
+        fit(growing_model, conjugate_guide.guide, x, callbacks=[switch], **settings)
+
+
+def model_that_grows_a_site(after_step):
+    """``(model, callback)``: the conjugate model, which gains the site ``nuisance`` once the
+    epoch-end callback has seen a step past ``after_step``."""
     extra = {"on": False}
 
     def growing_model(x, num_data=None):
@@ -417,26 +425,16 @@ def test_seeded_compiled_fits_are_bit_identical_equal_the_eager_fit_and_catch_a_
             pyro.sample("nuisance", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
 
     def switch(event):
-        extra["on"] = True
+        extra["on"] = extra["on"] or event.step > after_step
 
-    with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'"):
-        fit(growing_model, conjugate_guide.guide, x, callbacks=[switch], **settings)
+    return growing_model, switch
 
 
 def test_a_site_added_late_in_a_full_batch_fit_is_caught_within_the_checks_widest_spacing(x):
     """Full batch: every step ends an epoch, and the check of the sites (one eager trace) spaces
     itself out while they stay unchanged (100, 200, 400 steps, then CHECK_AT_MOST); a site that
     a callback adds after 1,000 steps is still caught, no later than CHECK_AT_MOST steps on."""
-    extra = {"on": False}
-
-    def growing_model(x, num_data=None):
-        conjugate.model(x, num_data)
-        if extra["on"]:
-            pyro.sample("nuisance", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
-
-    def switch(event):
-        extra["on"] = extra["on"] or event.step >= 1000
-
+    growing_model, switch = model_that_grows_a_site(after_step=999)
     with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'") as caught:
         fit(growing_model, conjugate_guide.guide, x, num_steps=3000, lr=0.05, progress=False, seed=0,
             compile=True, callbacks=[switch])
