@@ -56,8 +56,9 @@ def keep_threads():
 def pytest_addoption(parser):
     parser.addoption("--compile-all", action="store_true",
                      help="compile='auto' compiles every fit, however short (vi_toolkit.compiled."
-                          "AUTO_MIN_STEPS = 1): the suite's exact-answer tests then check the "
-                          "compiled step, and fits it cannot follow fall back with their warning")
+                          "AUTO_MIN_STEPS = 1), in blocks of steps wherever it can (BLOCK_MIN_STEPS "
+                          "= 2): the suite's exact-answer tests then check the compiled step, and "
+                          "fits it cannot follow fall back with their warning")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,7 @@ def _compile_all(request, monkeypatch):
         from vi_toolkit import compiled
 
         monkeypatch.setattr(compiled, "AUTO_MIN_STEPS", 1)
+        monkeypatch.setattr(compiled, "BLOCK_MIN_STEPS", 2)
 
 
 @pytest.fixture(autouse=True)

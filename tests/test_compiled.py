@@ -286,22 +286,24 @@ from vi_toolkit import fit
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.models import conjugate
 x = 3.0 + torch.randn(100, generator=torch.Generator().manual_seed(0))
-result = fit(conjugate.model, conjugate_guide.guide, x, num_steps=50, num_particles=3, lr=0.05, progress=False,
-             seed=0, compile=True)
+reports = [fit(conjugate.model, conjugate_guide.guide, x, num_steps=100, num_particles=3, lr=0.05, progress=False,
+                seed=0, compile=True, options={"log_every": log_every}).config["compile"] for log_every in (10, 50)]
 counters = torch._dynamo.utils.counters["inductor"]
-print(result.config["compile"]["used"], counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"])
+print(*[(r["used"], r["steps_per_call"]) for r in reports], counters["fxgraph_cache_hit"],
+      counters["fxgraph_cache_miss"])
 """
 
 
 @pytest.mark.slow
 def test_a_second_process_takes_the_compiled_step_from_inductor_s_cache(tmp_path):
-    """Two processes on one (empty) cache folder: the first compiles (a cache miss), the second
-    is served the compiled graph from the cache on disk (a hit, no miss)."""
+    """Two processes on one (empty) cache folder, each with a fit of one step a call and a fit
+    of blocks of 50 steps (a loop in the graph): the first compiles both graphs (two cache
+    misses), the second is served both from the cache on disk (two hits, no miss)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", CACHED_FIT], env=env, capture_output=True, text=True,
                            check=True).stdout.split() for _ in range(2)]
-    assert runs[0] == ["True", "0", "1"], runs
-    assert runs[1] == ["True", "1", "0"], runs
+    assert runs[0] == ["(True,", "1)", "(True,", "50)", "0", "2"], runs
+    assert runs[1] == ["(True,", "1)", "(True,", "50)", "2", "0"], runs
 
 
 # -- the plan and the guards ---------------------------------------------------------------
@@ -453,6 +455,77 @@ def test_an_optimizer_other_than_adam_applies_the_graph_s_gradients_and_the_repo
     assert compiled_fit.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
 
 
+# -- blocks: a loop of steps in one graph ---------------------------------------------------
+
+class StepsSeen(Callback):
+    """Records ``state.step`` at every ``on_step_end``; with ``every_step=False`` a compiled fit
+    may call it once a block."""
+
+    def __init__(self, every_step):
+        self.every_step, self.steps = every_step, []
+
+    def on_step_end(self, state):
+        self.steps.append(state.step)
+
+
+def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(x):
+    """Full batch, 50 steps between read-backs: the steps run as blocks of 50 (a loop in the
+    graph, the optimizer's update in its body), drawing the eager step's numbers, so the losses
+    and parameters equal the eager fit's and those of a compiled fit that a per-step callback
+    holds to one step a call; a callback that allows it sees the blocks' ends only."""
+    settings = dict(num_steps=200, num_particles=3, lr=0.05, progress=False, seed=3, options={"log_every": 50})
+    blocks, per_step = StepsSeen(every_step=False), StepsSeen(every_step=True)
+    in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[blocks], **settings)
+    one_a_call = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[per_step], **settings)
+    eager = fit(conjugate.model, conjugate_guide.guide, x, compile=False, **settings)
+    assert in_blocks.config["compile"]["steps_per_call"] == 50 and in_blocks.config["compile"]["blocks"] is None
+    assert one_a_call.config["compile"]["steps_per_call"] == 1
+    assert blocks.steps == [50, 100, 150, 200] and per_step.steps == list(range(1, 201))
+    assert len(in_blocks.history["loss"]) == 200
+    assert in_blocks.history["loss"] == pytest.approx(one_a_call.history["loss"], rel=1e-5)
+    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
+    for k in eager.params:
+        assert torch.allclose(in_blocks.params[k], eager.params[k], rtol=1e-4, atol=1e-5), k
+    assert in_blocks.history["loss"] != pytest.approx(
+        fit(conjugate.model, conjugate_guide.guide, x, compile=True, **{**settings, "seed": 4}).history["loss"],
+        rel=1e-5)
+
+
+def test_a_block_follows_a_learning_rate_schedule_step_by_step(x):
+    """A cosine schedule sets each step's rate: a block takes every step's rate as an input
+    row (the schedule stepped past the block), so the fit equals the eager one to float32
+    rounding and ends at the same rate; with SGD, whose update is not in the graph, the fit
+    runs one step a call and the report says why."""
+    settings = dict(num_steps=100, lr=0.05, lr_schedule="cosine", num_particles=2, progress=False, seed=0,
+                    options={"log_every": 50})
+    in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, **settings)
+    assert in_blocks.config["compile"]["steps_per_call"] == 50
+    eager = fit(conjugate.model, conjugate_guide.guide, x, compile=False, **settings)
+    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
+    assert in_blocks.history["lr"] == pytest.approx(eager.history["lr"], rel=1e-6)
+    assert in_blocks.history["lr"][0] != pytest.approx(in_blocks.history["lr"][1], rel=1e-3)
+    sgd = fit(conjugate.model, conjugate_guide.guide, x, compile=True, optimizer="sgd",
+              **{**settings, "lr": 0.001})
+    assert sgd.config["compile"]["steps_per_call"] == 1
+    assert sgd.config["compile"]["blocks"] == "one step a call: the optimizer's update is not in the graph"
+
+
+@pytest.mark.slow
+def test_a_minibatch_fit_in_blocks_runs_the_smaller_last_batch_alone_and_equals_the_eager_fit():
+    """1,010 points in batches of 20: each epoch is a block of 50 steps (the stacked batches
+    sliced in the loop) and the last batch of 10, one step of its own graph; the fit is the
+    eager fit to float32 rounding."""
+    x = 3.0 + torch.randn(1010, generator=torch.Generator().manual_seed(0))
+    settings = dict(lr=0.05, batch_size=20, num_epochs=3, num_particles=2, progress=False, seed=2)
+    in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, **settings)
+    report = in_blocks.config["compile"]
+    assert report["graphs"] == 2 and report["steps_per_call"] == 50, str(report)
+    eager = fit(conjugate.model, conjugate_guide.guide, x, compile=False, **settings)
+    assert len(in_blocks.history["loss"]) == 3 * 51
+    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
+    assert in_blocks.history["elbo"] == pytest.approx(eager.history["elbo"], rel=1e-5)
+
+
 # -- the same fits -------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -467,21 +540,30 @@ def test_a_minibatch_fit_with_a_smaller_last_batch_compiles_two_specializations(
 
 
 @pytest.mark.slow
-def test_a_resumed_compiled_fit_ends_where_an_uninterrupted_one_ends(tmp_path, x):
+@pytest.mark.parametrize("settings, stop_epoch", [
+    (dict(batch_size=25, lr_schedule="cosine", num_epochs=4), 2),  # one step a call
+    (dict(num_steps=200, options={"log_every": 50}), 100),  # full batch, blocks of 50 steps
+], ids=["minibatches", "blocks"])
+def test_a_resumed_compiled_fit_ends_where_an_uninterrupted_one_ends(tmp_path, x, settings, stop_epoch):
     path = tmp_path / "fit.pt"
-    settings = dict(lr=0.05, batch_size=25, num_particles=2, lr_schedule="cosine", progress=False,
-                    seed=11, val_data=x[:30], num_epochs=4, compile=True)
+    settings = dict(lr=0.05, num_particles=2, progress=False, seed=11, val_data=x[:30], compile=True, **settings)
     unbroken = fit(conjugate.model, conjugate_guide.guide, x, **settings)
-    fit(conjugate.model, conjugate_guide.guide, x, checkpoint=path, callbacks=[lambda e: e.epoch == 2], **settings)
-    assert load_checkpoint(path)["progress"]["epoch"] == 2
+    assert unbroken.config["compile"]["steps_per_call"] == (50 if "options" in settings else 1)
+    fit(conjugate.model, conjugate_guide.guide, x, checkpoint=path, callbacks=[lambda e: e.epoch == stop_epoch],
+        **settings)
+    assert load_checkpoint(path)["progress"]["epoch"] == stop_epoch
     resumed = fit(conjugate.model, conjugate_guide.guide, x, checkpoint=path, resume=True, **settings)
     for key in unbroken.history.keys() - {"time"}:
         assert resumed.history[key] == unbroken.history[key], key
     assert all(torch.equal(resumed.params[k], unbroken.params[k]) for k in unbroken.params)
 
 
+eager_steps = {}  # the failing step of each parametrization
+
+
 @pytest.mark.slow
-def test_a_compiled_fit_that_diverges_names_the_step_and_the_site(x):
+@pytest.mark.parametrize("log_every", [10, 50], ids=["one-step-a-call", "blocks"])
+def test_a_compiled_fit_that_diverges_names_the_step_and_the_site(x, log_every):
     def model(x, num_data=None):
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         with data_plate(x, num_data):
@@ -493,10 +575,13 @@ def test_a_compiled_fit_that_diverges_names_the_step_and_the_site(x):
 
     with pytest.raises(DivergenceError) as caught:
         fit(model, guide, x, lr=0.5, num_steps=300, progress=False, seed=0, compile=True,
-            options={"log_every": 10})
+            options={"log_every": log_every})
     err = caught.value  # the replay from the last good state is exact: it finds the culprit
     assert err.step > 1 and err.site in ("parameter 'scale'", "guide site 'mu'")
     assert all(step < err.step for step in err.result.history["step"])
+    eager_steps[log_every] = err.step
+    if len(eager_steps) == 2:  # blocks or not, the same draws: the same failing step
+        assert eager_steps[10] == eager_steps[50]
 
 
 @pytest.mark.slow

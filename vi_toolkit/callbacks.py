@@ -28,7 +28,13 @@ from .traces import positive_int
 
 
 class Callback:
-    """Base class of fit callbacks: every hook does nothing until overridden."""
+    """Base class of fit callbacks: every hook does nothing until overridden.
+
+    ``every_step``: whether :meth:`on_step_end` must run after every step. A callback that
+    sets it to ``False`` (a progress bar) lets a compiled fit run several steps in one call,
+    after which the hook runs once, ``state.step`` saying how far the fit is."""
+
+    every_step = True
 
     def wrap(self, model, guide):
         """Called once before anything is traced; may return wrapped model and guide."""
@@ -38,7 +44,7 @@ class Callback:
         """After the parameters exist (and a checkpoint was resumed), before the first step."""
 
     def on_step_end(self, state):
-        """After every optimizer update."""
+        """After every optimizer update (or run of updates, see ``every_step``)."""
 
     def on_epoch_end(self, state):
         """After every recorded epoch (full batch: every logging interval); ``state.elbo`` is set."""
@@ -231,8 +237,10 @@ class ProgressBar(Callback):
         self.start, self.first_step = time.perf_counter(), state.step
         self.postfix = {}
 
+    every_step = False
+
     def on_step_end(self, state):
-        self.bar.update(1)
+        self.bar.update(state.step - self.bar.n)
 
     def on_epoch_end(self, state):
         self.postfix["elbo"] = f"{state.elbo:.4g}"

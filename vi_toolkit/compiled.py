@@ -31,6 +31,30 @@ as inputs, never as constants read from global state: while tracing, every torch
 handed one of them (by the parameter store, a module attribute or a closure) receives the
 graph's input instead.
 
+Blocks of steps. On the CPU, with Adam's update in the graph, a step of a small model is
+mostly fixed cost: a call of a compiled graph goes through Python and AOTAutograd's wrapper
+(about 40 us), the loop's bookkeeping adds more, and the arithmetic of eight schools takes a
+few microseconds. So where nothing has to happen between steps (no epoch-wise schedule of
+``pyro.optim``'s, no ``transform``, no callback whose ``on_step_end`` must run after every step, see
+:attr:`~vi_toolkit.callbacks.Callback.every_step`; a single process), the loop hands the step
+the batches up to the next read-back of the losses (the logging interval, in a minibatch fit
+also the epoch's end), and one graph runs them all: a ``while_loop`` (torch's higher-order
+operator) whose body is the traced step (loss, gradients, Adam's update), carrying the
+parameters and Adam's state from step to step as flat tensors, the batches stacked along a new
+first dimension and sliced at each step, a per-step learning-rate schedule's rates given as
+one row a step (the schedule stepped past the block first, as the one-step path steps it
+after each step), every step's loss written into one vector. Inductor
+compiles it with its C++ wrapper, so the loop itself runs in C++. The last, smaller batch of
+an epoch runs alone in its one-step graph. The random numbers are torch's, drawn in the eager
+order, so a fit in blocks is the eager fit to float32 rounding too, and a divergence is
+replayed, one step a call, to the step that failed. Blocks run where the interval is at least
+:data:`BLOCK_MIN_STEPS` = 50 steps (the loop's graph takes several seconds more to compile on
+a cold cache) and the stacked batches hold at most :data:`BLOCK_MAX_ELEMENTS` elements (a step
+that large gains nothing from it); ``config["compile"]["steps_per_call"]`` is the most steps a
+call ran, and ``config["compile"]["blocks"]`` says why a fit stopped running blocks (an
+epoch-wise schedule; the optimizer's update not in the graph; parameters of several dtypes; a step that
+the loop's tracing cannot hold, e.g. an output whose size depends on values).
+
 Products on the CPU. Linear layers keep the fit's route (:mod:`vi_toolkit.linear`): where the
 eager fit computes a layer by oneDNN, the graph calls oneDNN for each of its products of at
 least :data:`ONEDNN_MIN_FLOPS` floating-point operations and torch's ``mm`` for the smaller
@@ -103,6 +127,8 @@ AUTO_MIN_STEPS = 20_000
 MAX_SPECIALIZATIONS = 2  # the full batch and the last, smaller batch of an epoch
 CHECK_EVERY = 100  # steps at least between the first checks of the sites (one eager trace each)
 CHECK_AT_MOST = 800  # the spacing, doubled after every check that finds the sites unchanged, up to this
+BLOCK_MIN_STEPS = 50  # the fewest steps between read-backs for which a fit runs its steps in blocks
+BLOCK_MAX_ELEMENTS = 1 << 22  # the most elements of a block's stacked batches (16 MB of float32)
 
 
 class CompileError(RuntimeError):
@@ -273,6 +299,30 @@ def split_inputs(args, kwargs):
     return tensors, key, rebuild
 
 
+def _same_shapes(calls):
+    """``(tensors, key, runs)``: :func:`split_inputs`' tensors and key of the first call, and the
+    tensors of the calls from the first on that share its key (the same objects where a call
+    passes the first call's arguments again)."""
+    first, key, _ = split_inputs(*calls[0])
+    runs = [first]
+    for call in calls[1:]:
+        if call is calls[0] or _same_arguments(call, calls[0]):  # a full batch: the same tensors
+            runs.append(first)
+            continue
+        tensors, other, _ = split_inputs(*call)
+        if other != key:
+            break
+        runs.append(tensors)
+    return first, key, runs
+
+
+def _same_arguments(call, other) -> bool:
+    """Whether two calls' ``(args, kwargs)`` hold the same objects."""
+    (args, kwargs), (other_args, other_kwargs) = call, other
+    return (len(args) == len(other_args) and all(a is b for a, b in zip(args, other_args))
+            and kwargs.keys() == other_kwargs.keys() and all(kwargs[k] is other_kwargs[k] for k in kwargs))
+
+
 def site_structure(model, guide, args, kwargs) -> tuple:
     """The sites of a guide trace and the model replayed against it: names, types,
     distributions, shapes, scales, masks, enumeration and plates (no values, no densities).
@@ -394,7 +444,8 @@ def _route_products(gm):
 
 
 class StepGraph:
-    """The loss of one batch and its gradients with respect to ``params``, as one compiled graph.
+    """The loss of one batch and its gradients with respect to ``params``, as one compiled graph;
+    or, with ``block``, a run of steps (loss, gradients and the optimizer's update each) in one.
 
     Built from one call of ``loss_fn(args, kwargs)`` on a batch; replayed on any batch of
     the same shapes by :meth:`__call__` (see the module).
@@ -407,17 +458,23 @@ class StepGraph:
             eager random operations (the eager step's numbers, at some cost in speed).
         rule: the optimizer's update (:class:`~vi_toolkit.graph_update.AdamRule`), traced
             into the graph after the gradients, or ``None``: the graph returns the gradients.
+        block: ``(steps, stacked, scheduled)``: the graph loops over up to ``steps`` steps
+            (see the module), the batch tensors at the positions ``stacked`` (of
+            :func:`split_inputs`' list) given with a leading dimension of ``steps``, one slice
+            a step, the others the same at every step; with ``scheduled`` the learning rates
+            are given for every step, a ``(steps, groups)`` tensor. Needs a ``rule``.
 
     Raises:
         NotCompilable: the step cannot be traced (the message says why).
     """
 
-    def __init__(self, loss_fn, params: dict, args, kwargs, options: "dict | None" = None, rule=None):
+    def __init__(self, loss_fn, params: dict, args, kwargs, options: "dict | None" = None, rule=None,
+                 block: "tuple[int, frozenset, bool] | None" = None):
         start = time.perf_counter()
         tensors, self.key, rebuild = split_inputs(args, kwargs)
         self.params = list(params.values())
         self.names = list(params)
-        self.rule = rule
+        self.rule, self.block = rule, block
         used = []
         n, batch = len(self.params), len(tensors)
 
@@ -429,9 +486,12 @@ class StepGraph:
                 raise NotCompilable("the loss does not depend on any parameter")
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             used.extend(g is not None for g in grads)
-            if rule is not None:
+            if rule is None:
+                return (loss.detach(), *[g for g in grads if g is not None])
+            if block is None:
                 return (loss.detach(), *rule.apply(leaves, grads, flat[n + batch:]))
-            return (loss.detach(), *[g for g in grads if g is not None])
+            new_params, new_state, _ = rule.updated(leaves, grads, flat[n + batch:])
+            return (loss.detach(), *[p.detach() for p in new_params], *new_state)
 
         # traced and compiled on copies: tracing runs the step, whose update writes in place
         example = [p.detach().clone() for p in self.params] + list(tensors) + \
@@ -449,7 +509,7 @@ class StepGraph:
                                 "a model or guide that reads tensor values in Python (if x > 0, "
                                 ".item(), checks) has no fixed structure") from err
         _route_products(gm)
-        mutated = _mutated_state(gm, rule.mutated(n, batch) if rule is not None else frozenset())
+        mutated = _mutated_state(gm, rule.mutated(n, batch) if rule is not None and block is None else frozenset())
         if mutated:
             raise NotCompilable(f"the step changes state other than its parameters ({mutated}), e.g. "
                                 "batch-norm statistics; a compiled graph would not")
@@ -457,18 +517,29 @@ class StepGraph:
         self.grad_params = [p for p, u in zip(self.params, used) if u]
         self.cuda = cuda
         self.seconds = None  # tracing and compiling
+        options = {"fallback_random": True, **(options or {})}
+        if block is not None:
+            gm, example = _loop_graph(gm, example, n=n, batch=batch, groups=len(rule.optimizer.param_groups),
+                                      steps=block[0], stacked=block[1], scheduled=block[2])
+            options["cpp_wrapper"] = True  # the loop in C++: 9 us a step of eight schools, 20 in Python
+            # Inductor's cache on disk takes a graph with a loop only where told: the loop's
+            # body and condition are graphs of the key's, hashed as every other graph is
+            options["unsafe_marked_cacheable_functions"] = {"torch.ops.higher_order.while_loop": torch.__version__}
         if self.cuda:  # replayed as a CUDA graph (cudagraph trees), compiled at the first call
             self.compiled = torch.compile(gm, fullgraph=True, dynamic=False,
                                           options={"triton.cudagraphs": True, **(options or {})})
             self.trace_seconds = time.perf_counter() - start
         else:  # torch's random operations: Inductor's own CPU generator took 0.9 ms for 6,400 normals
-            self.compiled = _standalone_compile(gm, example, {"fallback_random": True, **(options or {})})
+            self.compiled = _standalone_compile(gm, example, options)
             self.seconds = time.perf_counter() - start
 
-    def __call__(self, tensors):
+    def __call__(self, tensors, steps: "int | None" = None, lrs: "torch.Tensor | None" = None):
         """``(loss, grads)`` of one batch (its tensors, as :func:`split_inputs` gives them): the
         detached loss and the gradients of ``grad_params``; with a ``rule``, the loss and no
-        gradients, the parameters and the optimizer's state updated in place.
+        gradients, the parameters and the optimizer's state updated in place. With a ``block``,
+        ``steps`` steps (at most ``block[0]``) on the block's tensors, with a scheduled block
+        at the learning rates ``lrs`` (a row a step): the losses of ``block[0]`` steps, the
+        first ``steps`` of them those of the steps run.
 
         Raises:
             NotCompilable: compilation failed (on CUDA: at the first call).
@@ -480,6 +551,10 @@ class StepGraph:
         try:
             with torch.no_grad():  # the backward pass is in the graph: inputs need no grad
                 extra = self.rule.inputs() if self.rule is not None else ()
+                if self.block is not None:
+                    if self.block[2]:
+                        extra = (lrs, *extra[len(self.rule.optimizer.param_groups):])
+                    extra = (*extra, torch.tensor(steps))
                 loss, *grads = self.compiled(*[p.detach() for p in self.params], *tensors, *extra)
             if self.rule is not None:  # the outputs after the loss are the update's scalars
                 grads = []
@@ -491,6 +566,71 @@ class StepGraph:
             self.seconds = self.trace_seconds + time.perf_counter() - start
         # a CUDA graph overwrites its outputs at the next replay; the loop keeps losses longer
         return (loss.clone() if self.cuda else loss), grads
+
+
+def _loop_graph(step, example, *, n, batch, groups, steps, stacked, scheduled):
+    """The graph of a loop over steps of the traced step ``step`` (inputs: parameters, batch,
+    learning rates, state; outputs: the loss, the new parameters, the new state), and its
+    example inputs: parameters, batch (the ``stacked`` positions with a leading dimension of
+    ``steps``), learning rates (``scheduled``: one ``(steps, groups)`` tensor, a row a step),
+    state, the number of steps to run. It writes the last step's
+    parameters and state into its inputs and returns every step's loss (``steps`` of them,
+    zero after the steps run), as ``torch._higher_order_ops.while_loop`` over the step.
+
+    The loop carries the parameters, Adam's two moments and its step counts as four flat
+    tensors, not one tensor each (each carried tensor is a new buffer at every iteration:
+    allocations were half of an eight-schools step); the step reads its parameters as views."""
+    from torch._higher_order_ops import while_loop
+
+    loss_value = next(iter(node for node in step.graph.nodes if node.op == "output")).args[0][0].meta["val"]
+    shapes = [p.shape for p in example[:n]]
+    sizes = [p.numel() for p in example[:n]]
+
+    def unflat(flat_tensor):
+        return [part.view(shape) for part, shape in zip(flat_tensor.split(sizes), shapes)]
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    rates = 1 if scheduled else groups
+
+    def loop(*inputs):
+        params, tensors = inputs[:n], inputs[n:n + batch]
+        lrs, state, count = inputs[n + batch:n + batch + rates], inputs[n + batch + rates:-1], inputs[-1]
+
+        def cond(i, *carried):
+            return i < count
+
+        def body(i, p, m, v, t, losses):
+            at = i.view(1)
+            step_batch = [torch.index_select(x, 0, at).squeeze(0) if j in stacked else x
+                          for j, x in enumerate(tensors)]
+            moments = [x for triple in zip(unflat(m), unflat(v), t.unbind(0)) for x in triple]
+            rates = torch.index_select(lrs[0], 0, at).squeeze(0).unbind(0) if scheduled else lrs
+            loss, *new = step(*unflat(p), *step_batch, *rates, *moments)
+            return (i + 1, flat(new[:n]), flat(new[n::3]), flat(new[n + 1::3]), torch.stack(new[n + 2::3]),
+                    losses.index_put((at,), loss.view(1)))
+
+        losses = torch.zeros(steps, dtype=loss_value.dtype, device=loss_value.device)
+        _, p, m, v, t, losses = while_loop(
+            cond, body, (torch.zeros((), dtype=torch.int64, device=count.device), flat(params),
+                         flat(state[0::3]), flat(state[1::3]), torch.stack(state[2::3]), losses))
+        moments = [x for triple in zip(unflat(m), unflat(v), t.unbind(0)) for x in triple]
+        for old, new in zip((*params, *state), (*unflat(p), *moments)):
+            old.copy_(new)
+        return (losses,)
+
+    example = [*example[:n],
+               *[t.unsqueeze(0).expand(steps, *t.shape).clone() if j in stacked else t
+                 for j, t in enumerate(example[n:n + batch])],
+               *([example[n + batch].new_zeros(steps, groups)] if scheduled else example[n + batch:n + batch + groups]),
+               *example[n + batch + groups:], torch.tensor(1)]
+    try:  # while_loop traces its body with TorchDynamo, which would make shapes that differ
+        # from an earlier fit's (the same body's code) symbolic: a block's shapes are fixed
+        with _fork_rng((), {}), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            return make_fx(loop)(*[t.clone() for t in example]), example
+    except Exception as err:
+        raise NotCompilable(f"tracing the loop of steps failed ({type(err).__name__}: {_first_line(err)})") from err
 
 
 def _standalone_compile(gm, example_inputs, options):
@@ -537,7 +677,8 @@ class CompiledStep(EagerStep):
         self.unchecked, self.check_spacing = 0, CHECK_EVERY  # steps since the sites were last checked, and between checks
         self.replay = None  # this step's (graph, tensors)
         self.rule = None  # the optimizer's update in the graph, decided at the first graph
-        report.update(used=True, seconds=0.0, graphs=0, reason=None)
+        self.blocks = {}  # the graphs of runs of steps, by the batch's shapes, stacked inputs and length
+        report.update(used=True, seconds=0.0, graphs=0, reason=None, blocks=None, steps_per_call=1)
 
     def update(self, args, kwargs, share=1.0):
         """One step, as :meth:`EagerStep.update`. Its graph is found first (traced and compiled
@@ -606,14 +747,26 @@ class CompiledStep(EagerStep):
                 raise NotCompilable(f"the batch's shapes changed a {MAX_SPECIALIZATIONS + 1}th time "
                                     f"({describe_tensors(tensors)}); a compiled step holds "
                                     f"{MAX_SPECIALIZATIONS} specializations")
-            self.structures[key] = site_structure(self.model, self.guide, args, kwargs)
-            if not self.graphs:
-                self.rule, why = AdamRule.for_step(self.optimizer, self.params.values(),
-                                                   clip_norm=self.clip_norm, world=self.strategy.world)
-                self.report["update"] = "in the graph" if self.rule else f"by the optimizer: {why}"
-            graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs, rule=self.rule)
-            self.report["graphs"] = len(self.graphs)
-        elif self.check_structure and self.unchecked >= self.check_spacing:
+            self.structures.setdefault(key, site_structure(self.model, self.guide, args, kwargs))
+            graph = self.graphs[key] = StepGraph(self.loss, self.params, args, kwargs, rule=self.update_rule())
+            self.report["graphs"] = len(self.graphs) + len(self.blocks)
+        else:
+            self.check_sites(key, args, kwargs)
+        self.unchecked += 1
+        return graph
+
+    def update_rule(self):
+        """The optimizer's update in the graphs (decided once, at the first graph), or ``None``."""
+        if self.rule is None and "update" not in self.report:
+            self.rule, why = AdamRule.for_step(self.optimizer, self.params.values(),
+                                               clip_norm=self.clip_norm, world=self.strategy.world)
+            self.report["update"] = "in the graph" if self.rule else f"by the optimizer: {why}"
+        return self.rule
+
+    def check_sites(self, key, args, kwargs):
+        """After an epoch's end, once the check's spacing has passed: the sites of a trace must
+        be those the graphs of ``key`` were traced with (see the module)."""
+        if self.check_structure and self.unchecked >= self.check_spacing:
             self.unchecked, self.check_spacing = 0, min(2 * self.check_spacing, CHECK_AT_MOST)
             now = site_structure(self.model, self.guide, args, kwargs)
             if now != self.structures[key]:
@@ -621,8 +774,91 @@ class CompiledStep(EagerStep):
                 raise NotCompilable(f"the sites of the model or guide changed since the step was "
                                     f"compiled ((role, site): {changed[:5]}): no fixed structure")
             self.check_structure = False
-        self.unchecked += 1
+
+    def runs_blocks(self, most: int) -> bool:
+        """Whether :meth:`update_block` may run up to ``most`` steps in one call: not before
+        :data:`BLOCK_MIN_STEPS` (a loop's graph takes seconds more to compile, cold, and saves
+        tens of microseconds a step), nor once blocks stopped."""
+        return most >= BLOCK_MIN_STEPS and not self.eager and self.report["blocks"] is None
+
+    def update_block(self, calls, most):
+        """Steps on the batches ``calls`` (``[(args, kwargs)]``, at most ``most``) from one
+        call of a graph that loops over them (see the module), as many of the first as share
+        the first batch's shapes: their losses (detached, unread), or ``None`` when no block
+        runs (then every batch runs with :meth:`update`)."""
+        if not self.runs_blocks(most):
+            return None
+        first, key, runs = _same_shapes(calls)
+        if len(runs) < 2:
+            return None
+        stacked = frozenset(j for j, t in enumerate(first) if any(r[j] is not t for r in runs[1:]))
+        graph = self.block_graph_for(key, stacked, most, calls[0])
+        if graph is None:
+            return None
+        pad = [runs[-1]] * (most - len(runs))
+        inputs = [torch.stack([r[j] for r in runs + pad]) if j in stacked else t for j, t in enumerate(first)]
+        lrs = self.scheduled_rates(len(runs), most) if graph.block[2] else None
+        with torch._C.DisableTorchFunction():  # compiled when built: on the CPU a call raises no NotCompilable
+            losses, _ = graph(inputs, len(runs), lrs)
+        self.time_graph(graph)
+        self.report["steps_per_call"] = max(self.report["steps_per_call"], len(runs))
+        self.unchecked += len(runs)
+        return losses[:len(runs)]
+
+    def block_graph_for(self, key, stacked, most, call):
+        """The compiled graph of blocks of up to ``most`` steps on batches of ``key``'s shapes
+        with the tensors ``stacked`` (traced now if new), or ``None``: blocks stop for the rest
+        of the fit (``config["compile"]["blocks"]`` says why: see :meth:`block_refused`, or
+        tracing or compiling the loop failed), or the sites changed (the step falls back)."""
+        scheduled = self.scheduler is not None
+        graph = self.blocks.get((key, stacked, most, scheduled))
+        try:
+            if graph is not None:
+                self.check_sites(key, *call)
+                return graph
+            if self.block_refused(most * sum(t.numel() for j, t in enumerate(split_inputs(*call)[0])
+                                             if j in stacked)):
+                return None
+            self.structures.setdefault(key, site_structure(self.model, self.guide, *call))
+        except NotCompilable as err:  # the sites changed, or the guide failed: no graph applies
+            self.fall_back(str(err))
+            return None
+        try:
+            graph = StepGraph(self.loss, self.params, *call, rule=self.rule, block=(most, stacked, scheduled))
+        except NotCompilable as err:
+            self.report["blocks"] = f"one step a call: {err}"
+            return None
+        self.blocks[key, stacked, most, scheduled] = graph
+        self.report["graphs"] = len(self.graphs) + len(self.blocks)
         return graph
+
+    def scheduled_rates(self, steps, most) -> torch.Tensor:
+        """Each group's learning rate at each of the next ``steps`` steps (a row a step, the
+        last repeated to ``most`` rows), the per-step schedule stepped past them, as the
+        one-step path steps it after each step."""
+        rows = []
+        for _ in range(steps):
+            rows.append([float(g["lr"]) for g in self.optimizer.param_groups])
+            _step_scheduler(self.scheduler)
+        rows += rows[-1:] * (most - steps)
+        return torch.tensor(rows, dtype=self.rule.inputs()[0].dtype, device=self.rule.params[0].device)
+
+    def block_refused(self, stacked_elements) -> bool:
+        """Whether this fit runs one step a graph call from now on (``config["compile"]["blocks"]``
+        then says why)."""
+        if self.update_rule() is None:
+            why = "the optimizer's update is not in the graph"
+        elif self.epoch_scheduler is not None:
+            why = "an epoch-wise schedule (pyro.optim's) sets the learning rate between steps"
+        elif len({p.dtype for p in self.params.values()}) > 1:
+            why = "the parameters have several dtypes (a block carries them as one flat tensor)"
+        elif stacked_elements > BLOCK_MAX_ELEMENTS:
+            why = (f"a block's stacked batches would hold {stacked_elements} elements (at most "
+                   f"{BLOCK_MAX_ELEMENTS}); a step that large gains little from it")
+        else:
+            return False
+        self.report["blocks"] = f"one step a call: {why}"
+        return True
 
     def fall_back(self, reason):
         """Run the eager step from now on (``compile="auto"``) or raise (``compile=True``)."""

@@ -115,8 +115,22 @@ class AdamRule:
             every vector iteration of the update's loop (3.7x the update's time for a 784 x 400
             weight, one thread).
         """
+        new_params, new_state, scalars = self.updated(params, grads, inputs)
+        state = inputs[len(self.optimizer.param_groups):]
+        with torch.no_grad():
+            for old, new in zip([*params, *state], [*new_params, *new_state]):
+                if new is not old:
+                    old.copy_(new)
+        return scalars
+
+    def updated(self, params, grads, inputs):
+        """Adam's update as new tensors, nothing written: ``(params, state, scalars)``, the
+        parameters and the state (:meth:`inputs`' order, without the learning rates) after the
+        step, a parameter whose gradient is ``None`` and its state being the tensors given, and
+        :meth:`apply`'s scalars. A loop of steps in one graph carries these from step to step."""
         scalars = []
-        lrs, state = inputs[:len(self.optimizer.param_groups)], inputs[len(self.optimizer.param_groups):]
+        lrs, state = inputs[:len(self.optimizer.param_groups)], list(inputs[len(self.optimizer.param_groups):])
+        params = list(params)
         used = [i for i, g in enumerate(grads) if g is not None]
         scale = None
         if self.clip_norm is not None:
@@ -139,14 +153,11 @@ class AdamRule:
                 v_new = v * beta2 + (1 - beta2) * g * g
                 step_size = lr / (1 - torch.pow(beta1, t_new))
                 bias2_sqrt = torch.sqrt(1 - torch.pow(beta2, t_new))
-                u = u - step_size * m_new / (torch.sqrt(v_new) / bias2_sqrt + eps)
-                t.copy_(t_new)
-                m.copy_(m_new)
-                v.copy_(v_new)
-                p.copy_(u)
+                params[i] = u - step_size * m_new / (torch.sqrt(v_new) / bias2_sqrt + eps)
+                state[3 * i:3 * i + 3] = m_new, v_new, t_new
                 if p.numel() >= SCALARS_OUT_MIN:
                     scalars += [step_size, bias2_sqrt]
-        return scalars
+        return params, state, scalars
 
     def mutated(self, num_params, num_batch) -> "set[int]":
         """The graph inputs (by position) that :meth:`apply` writes: parameters and state."""

@@ -21,6 +21,12 @@ with the terms of every site outside its plate masked out (:func:`~vi_toolkit.pl
 ``elbo_<s>`` = (1/N_s) sum_i E_q[log p(x_si, z_si | theta) - log q(z_si | x_si)], per point of
 the set; global terms (a prior on theta) are in the total ``elbo`` only.
 
+A step that can (:meth:`~vi_toolkit.compiled.CompiledStep.update_block`: a compiled step on
+the CPU) runs the steps up to the next read-back as one call, a loop in its graph; the callbacks'
+``on_step_end`` then runs once, after the block, which only callbacks that declare
+``every_step = False`` (the progress bar) allow; every other callback, a ``transform`` (whose
+random draws would come before the block's) and several data sets keep one step a call.
+
 The loop owns the fit's progress (step, epoch, position in the permutation, history) and
 assembles the checkpoint: the step's state, the progress, the callbacks' states and every
 random number generator's state.
@@ -38,7 +44,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
 
-from .callbacks import FitState
+from .callbacks import Callback, FitState
 from .checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from .data import DataSets
 from .distributed import DistributedError
@@ -80,6 +86,7 @@ class Loop:
         if self.sets:  # each set's position in its own permutation
             self.pos, self.perm = {s: 0 for s in data.sizes}, {}
         self.share = 1.0
+        self.most = 1  # the most steps a call of the step runs (see block_steps)
         self.state = FitState(self)
 
     # -- batches -------------------------------------------------------------------------
@@ -262,13 +269,16 @@ class Loop:
         return out
 
     # -- state ---------------------------------------------------------------------------
-    def snapshot(self, all_ranks=False):
+    def snapshot(self, all_ranks=False, history=True):
         """The whole state of the fit, as a checkpoint holds it; with ``all_ranks`` the random
-        streams of every process too (a collective in a distributed fit)."""
+        streams of every process too (a collective in a distributed fit). With ``history=False``
+        (the last good state, taken at every read-back) the history is held by its lengths:
+        it only grows, and a copy at every read-back costs time quadratic in the fit's length."""
         state = self.step_fn.state_dict()
         state.update({
             "config": dict(self.config),
-            "history": {k: list(v) for k, v in self.history.items()},
+            "history": ({k: list(v) for k, v in self.history.items()} if history
+                        else {k: len(v) for k, v in self.history.items()}),
             "progress": {"step": self.step, "epoch": self.epoch, "pos": copy.copy(self.pos),
                          "perm": map_tensors(torch.clone, self.perm),
                          "interval": list(self.interval)},
@@ -282,7 +292,8 @@ class Loop:
 
     def restore(self, state, source):
         self.step_fn.load_state_dict(state, source)
-        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.history = {k: list(v) if isinstance(v, list) else self.history[k][:v]
+                        for k, v in state["history"].items()}
         prog = state["progress"]
         self.step, self.epoch, self.pos = prog["step"], prog["epoch"], copy.copy(prog["pos"])
         self.perm = map_tensors(lambda t: t.to(self.device), prog["perm"])
@@ -403,12 +414,57 @@ class Loop:
 
     def readback(self, pending):
         """Read the interval's losses back (summed over processes); their first bad index."""
-        losses = self.strategy.sum(torch.stack(pending)).tolist()
+        losses = self.strategy.sum(torch.cat(pending)).tolist()
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if bad is None and not torch.stack(
                 [torch.isfinite(p).all() for p in self.step_fn.params.values()]).all():
             bad = len(losses) - 1
         return losses, bad
+
+    def block_steps(self) -> int:
+        """The most steps one call of the step may run (see the module): the logging interval
+        (a minibatch fit: at most an epoch) where nothing must happen between steps, else 1."""
+        per_step = any(type(cb).on_step_end is not Callback.on_step_end and cb.every_step
+                       for cb in self.callbacks)
+        most = min(self.log_every, self.steps_per_epoch) if self.minibatch else self.log_every
+        if per_step or self.transform is not None or self.sets or not self.step_fn.runs_blocks(most):
+            return 1
+        return most
+
+    def next_batches(self, most):
+        """The next batches to the next read-back (at most ``most``, and to the epoch's end)
+        with whether each ends an epoch; one batch when ``most`` is 1."""
+        n = min(most, self.log_every - self.step % self.log_every, self.total_steps - self.step)
+        batches = [self.next_batch()]
+        while len(batches) < n and not (self.minibatch and batches[-1][1]):
+            batches.append(self.next_batch())
+        return batches
+
+    def run_block(self, batches, good):
+        """The batches' steps, as many of the first as the step runs in one call: their losses,
+        or ``None`` (none ran)."""
+        calls, made = [], {}  # a full batch: the same tensors, and so one call, every step
+        for tensors, _ in batches:
+            if id(tensors) not in made:
+                made[id(tensors)] = self.call_args(tensors, self.data)
+            calls.append(made[id(tensors)])
+        try:
+            losses = self.step_fn.update_block(calls, self.most)
+        except (KeyboardInterrupt, FitError, DistributedError):
+            raise
+        except Exception as err:
+            self.failed(good, err, batches[0][0])
+        if losses is None:
+            self.most = self.block_steps()  # 1 when blocks stopped for the rest of the fit
+            return None
+        self.state.loss = losses[-1]
+        self.step += len(losses)
+        ends = sum(end for _, end in batches[:len(losses)])
+        if ends:
+            self.epoch += ends
+            self.step_fn.end_epoch()
+        self.call("on_step_end", f"step {self.step}")
+        return losses
 
     def run(self, resume):
         """Initialise, resume if asked, run the steps; the :class:`FitResult`."""
@@ -418,38 +474,47 @@ class Loop:
         if resume:
             self.resume_from(resume)
         self.call("on_fit_start", "the start")
+        self.most = self.block_steps()
         start_time = time.perf_counter() - (self.history["time"][-1] if self.history["time"] else 0.0)
-        good = self.snapshot()
+        good = self.snapshot(history=False)
         pending = []
         try:
             while self.step < self.total_steps and self.state.stopped is None:
-                tensors, end_of_epoch = self.next_batch()
-                try:
-                    self.state.loss = self.train_step(tensors)
-                except (KeyboardInterrupt, FitError, DistributedError):
-                    raise
-                except Exception as err:
-                    self.failed(good, err, tensors)
-                pending.append(self.state.loss)
-                self.step += 1
-                if end_of_epoch:
-                    self.epoch += 1
-                    self.step_fn.end_epoch()
-                self.call("on_step_end", f"step {self.step}")
-                last = self.step == self.total_steps or self.state.stopped is not None
-                record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
-                if not (record or self.step % self.log_every == 0 or last):
-                    continue
-                losses, bad = self.readback(pending)
-                pending = []
-                if bad is not None:
-                    self.diverged(good, self.step - len(losses) + bad + 1)
-                self.history["loss"].extend(losses)
-                self.interval.extend(losses)
-                if record or (last and self.interval):
-                    epoch_losses, self.interval = self.interval, []
-                    self.record(epoch_losses, start_time)
-                good = self.snapshot()
+                batches = self.next_batches(self.most)
+                losses = self.run_block(batches, good) if len(batches) > 1 else None
+                if losses is not None:
+                    pending.append(losses)
+                    batches = [(None, batches[len(losses) - 1][1])] + batches[len(losses):]
+                for tensors, end_of_epoch in batches:
+                    if tensors is not None and self.state.stopped is not None:
+                        break  # a callback stopped the fit after the block
+                    if tensors is not None:  # not run in the block
+                        try:
+                            self.state.loss = self.train_step(tensors)
+                        except (KeyboardInterrupt, FitError, DistributedError):
+                            raise
+                        except Exception as err:
+                            self.failed(good, err, tensors)
+                        pending.append(self.state.loss.reshape(1))
+                        self.step += 1
+                        if end_of_epoch:
+                            self.epoch += 1
+                            self.step_fn.end_epoch()
+                        self.call("on_step_end", f"step {self.step}")
+                    last = self.step == self.total_steps or self.state.stopped is not None
+                    record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
+                    if not (record or self.step % self.log_every == 0 or last):
+                        continue
+                    losses, bad = self.readback(pending)
+                    pending = []
+                    if bad is not None:
+                        self.diverged(good, self.step - len(losses) + bad + 1)
+                    self.history["loss"].extend(losses)
+                    self.interval.extend(losses)
+                    if record or (last and self.interval):
+                        epoch_losses, self.interval = self.interval, []
+                        self.record(epoch_losses, start_time)
+                    good = self.snapshot(history=False)
         except KeyboardInterrupt:
             self.restore(good, "the last good state")
             self.state.stopped = "interrupted"

@@ -89,6 +89,11 @@ class EagerStep:
             self.scheduler.step()
         return loss.detach() * share if share != 1.0 else loss.detach()
 
+    def runs_blocks(self, most: int) -> bool:
+        """Whether the step can run up to ``most`` steps in one call (``update_block``, on a
+        compiled step): never, eagerly."""
+        return False
+
     def add_new_params(self):
         """Give parameters created after :meth:`init` to the optimizer."""
         for name, p in fit_parameters(self.model, self.guide).items():
