@@ -468,12 +468,20 @@ class StepsSeen(Callback):
         self.steps.append(state.step)
 
 
-def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(x):
+@pytest.mark.parametrize("update", [
+    dict(),
+    pytest.param(dict(optimizer="adamw", optimizer_args={"weight_decay": 0.1}, clip_norm=0.5),
+                 marks=pytest.mark.slow),
+], ids=["adam", "adamw-clipped"])
+def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(x, update):
     """Full batch, 50 steps between read-backs: the steps run as blocks of 50 (a loop in the
-    graph, the optimizer's update in its body), drawing the eager step's numbers, so the losses
-    and parameters equal the eager fit's and those of a compiled fit that a per-step callback
-    holds to one step a call; a callback that allows it sees the blocks' ends only."""
-    settings = dict(num_steps=200, num_particles=3, lr=0.05, progress=False, seed=3, options={"log_every": 50})
+    graph, the optimizer's update in its body: Adam, or AdamW with weight decay and clipping),
+    drawing the eager step's numbers, so the losses and parameters equal the eager fit's and
+    those of a compiled fit that a per-step callback holds to one step a call; a callback that
+    allows it sees the blocks' ends only."""
+    optimizer = update.pop("optimizer", "adam")
+    settings = dict(num_steps=200, num_particles=3, lr=0.05, progress=False, seed=3, optimizer=optimizer,
+                    options={"log_every": 50, **update})
     blocks, per_step = StepsSeen(every_step=False), StepsSeen(every_step=True)
     in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[blocks], **settings)
     one_a_call = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[per_step], **settings)
@@ -482,13 +490,14 @@ def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(
     assert one_a_call.config["compile"]["steps_per_call"] == 1
     assert blocks.steps == [50, 100, 150, 200] and per_step.steps == list(range(1, 201))
     assert len(in_blocks.history["loss"]) == 200
-    assert in_blocks.history["loss"] == pytest.approx(one_a_call.history["loss"], rel=1e-5)
-    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
+    rel = 5e-5  # float32 rounding, over 200 steps (the clipping's norm adds its own)
+    assert in_blocks.history["loss"] == pytest.approx(one_a_call.history["loss"], rel=rel)
+    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=rel)
     for k in eager.params:
         assert torch.allclose(in_blocks.params[k], eager.params[k], rtol=1e-4, atol=1e-5), k
     assert in_blocks.history["loss"] != pytest.approx(
         fit(conjugate.model, conjugate_guide.guide, x, compile=True, **{**settings, "seed": 4}).history["loss"],
-        rel=1e-5)
+        rel=rel)
 
 
 def test_a_block_follows_a_learning_rate_schedule_step_by_step(x):
