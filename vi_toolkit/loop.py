@@ -466,6 +466,25 @@ class Loop:
         self.call("on_step_end", f"step {self.step}")
         return losses
 
+    def read_back_if_due(self, end_of_epoch, pending, good, start_time):
+        """At a read-back (the logging interval, an epoch's end, the last step): the ``pending``
+        losses read back (the list emptied) and checked (a divergence is replayed from ``good``),
+        the history and the epoch recorded; the new last good state, else ``good``."""
+        last = self.step == self.total_steps or self.state.stopped is not None
+        record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
+        if not (record or self.step % self.log_every == 0 or last):
+            return good
+        losses, bad = self.readback(pending)
+        pending.clear()
+        if bad is not None:
+            self.diverged(good, self.step - len(losses) + bad + 1)
+        self.history["loss"].extend(losses)
+        self.interval.extend(losses)
+        if record or (last and self.interval):
+            epoch_losses, self.interval = self.interval, []
+            self.record(epoch_losses, start_time)
+        return self.snapshot(history=False)
+
     def run(self, resume):
         """Initialise, resume if asked, run the steps; the :class:`FitResult`."""
         self.initialise()
@@ -484,37 +503,24 @@ class Loop:
                 losses = self.run_block(batches, good) if len(batches) > 1 else None
                 if losses is not None:
                     pending.append(losses)
-                    batches = [(None, batches[len(losses) - 1][1])] + batches[len(losses):]
-                for tensors, end_of_epoch in batches:
-                    if tensors is not None and self.state.stopped is not None:
+                    good = self.read_back_if_due(batches[len(losses) - 1][1], pending, good, start_time)
+                    batches = batches[len(losses):]
+                for tensors, end_of_epoch in batches:  # the steps not run in a block
+                    if self.state.stopped is not None:
                         break  # a callback stopped the fit after the block
-                    if tensors is not None:  # not run in the block
-                        try:
-                            self.state.loss = self.train_step(tensors)
-                        except (KeyboardInterrupt, FitError, DistributedError):
-                            raise
-                        except Exception as err:
-                            self.failed(good, err, tensors)
-                        pending.append(self.state.loss.reshape(1))
-                        self.step += 1
-                        if end_of_epoch:
-                            self.epoch += 1
-                            self.step_fn.end_epoch()
-                        self.call("on_step_end", f"step {self.step}")
-                    last = self.step == self.total_steps or self.state.stopped is not None
-                    record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
-                    if not (record or self.step % self.log_every == 0 or last):
-                        continue
-                    losses, bad = self.readback(pending)
-                    pending = []
-                    if bad is not None:
-                        self.diverged(good, self.step - len(losses) + bad + 1)
-                    self.history["loss"].extend(losses)
-                    self.interval.extend(losses)
-                    if record or (last and self.interval):
-                        epoch_losses, self.interval = self.interval, []
-                        self.record(epoch_losses, start_time)
-                    good = self.snapshot(history=False)
+                    try:
+                        self.state.loss = self.train_step(tensors)
+                    except (KeyboardInterrupt, FitError, DistributedError):
+                        raise
+                    except Exception as err:
+                        self.failed(good, err, tensors)
+                    pending.append(self.state.loss.reshape(1))
+                    self.step += 1
+                    if end_of_epoch:
+                        self.epoch += 1
+                        self.step_fn.end_epoch()
+                    self.call("on_step_end", f"step {self.step}")
+                    good = self.read_back_if_due(end_of_epoch, pending, good, start_time)
         except KeyboardInterrupt:
             self.restore(good, "the last good state")
             self.state.stopped = "interrupted"
