@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vi_toolkit import Callback, DivergenceError, FitError, data_plate, fit, load_checkpoint, make_elbo
+from vi_toolkit.callbacks import ProgressBar
 from vi_toolkit import compiled
 from vi_toolkit.compiled import StepGraph, compile_plan, log1p_from_log
 from vi_toolkit.graph_update import AdamRule
@@ -482,13 +483,14 @@ def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(
     optimizer = update.pop("optimizer", "adam")
     settings = dict(num_steps=200, num_particles=3, lr=0.05, progress=False, seed=3, optimizer=optimizer,
                     options={"log_every": 50, **update})
-    blocks, per_step = StepsSeen(every_step=False), StepsSeen(every_step=True)
-    in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[blocks], **settings)
+    blocks, per_step, bar = StepsSeen(every_step=False), StepsSeen(every_step=True), ProgressBar()
+    in_blocks = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[blocks, bar], **settings)
     one_a_call = fit(conjugate.model, conjugate_guide.guide, x, compile=True, callbacks=[per_step], **settings)
     eager = fit(conjugate.model, conjugate_guide.guide, x, compile=False, **settings)
     assert in_blocks.config["compile"]["steps_per_call"] == 50 and in_blocks.config["compile"]["blocks"] is None
     assert one_a_call.config["compile"]["steps_per_call"] == 1
     assert blocks.steps == [50, 100, 150, 200] and per_step.steps == list(range(1, 201))
+    assert bar.bar.n == 200  # the progress bar counts the block's steps
     assert len(in_blocks.history["loss"]) == 200
     rel = 5e-5  # float32 rounding, over 200 steps (the clipping's norm adds its own)
     assert in_blocks.history["loss"] == pytest.approx(one_a_call.history["loss"], rel=rel)
