@@ -592,6 +592,9 @@ def _loop_graph(step, example, *, n, batch, groups, steps, stacked, scheduled):
     def flat(tensors):
         return torch.cat([t.reshape(-1) for t in tensors])
 
+    def state_of(m, v, t):  # the carried flat moments and step counts as the step's state inputs
+        return [x for triple in zip(unflat(m), unflat(v), t.unbind(0)) for x in triple]
+
     num_rates = 1 if scheduled else groups  # inputs: one (steps, groups) tensor, or one a group
 
     def loop(*inputs):
@@ -606,9 +609,8 @@ def _loop_graph(step, example, *, n, batch, groups, steps, stacked, scheduled):
             at = i.view(1)
             step_batch = [torch.index_select(x, 0, at).squeeze(0) if j in stacked else x
                           for j, x in enumerate(tensors)]
-            moments = [x for triple in zip(unflat(m), unflat(v), t.unbind(0)) for x in triple]
             rates = torch.index_select(lrs[0], 0, at).squeeze(0).unbind(0) if scheduled else lrs
-            loss, *new = step(*unflat(p), *step_batch, *rates, *moments)
+            loss, *new = step(*unflat(p), *step_batch, *rates, *state_of(m, v, t))
             return (i + 1, flat(new[:n]), flat(new[n::3]), flat(new[n + 1::3]), torch.stack(new[n + 2::3]),
                     losses.index_put((at,), loss.view(1)))
 
@@ -616,8 +618,7 @@ def _loop_graph(step, example, *, n, batch, groups, steps, stacked, scheduled):
         _, p, m, v, t, losses = while_loop(
             cond, body, (torch.zeros((), dtype=torch.int64, device=count.device), flat(params),
                          flat(state[0::3]), flat(state[1::3]), torch.stack(state[2::3]), losses))
-        moments = [x for triple in zip(unflat(m), unflat(v), t.unbind(0)) for x in triple]
-        for old, new in zip((*params, *state), (*unflat(p), *moments)):
+        for old, new in zip((*params, *state), (*unflat(p), *state_of(m, v, t))):
             old.copy_(new)
         return (losses,)
 
