@@ -4,6 +4,7 @@ References: the conjugate model's closed-form posterior; estimators written out 
 torch for a linear Gaussian model; torch's own ReduceLROnPlateau.
 """
 
+import itertools
 import math
 import warnings
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import torch
 from torch.distributions import constraints
 
 from vi_toolkit import FitError, data_plate, fit, make_elbo
-from vi_toolkit.elbo import DReG, StickingTheLanding
+from vi_toolkit.elbo import DReG, StickingTheLanding, vimco_signal
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.models import conjugate
 from vi_toolkit.schedules import KLAnnealing, ReduceLROnPlateau
@@ -256,6 +257,77 @@ def test_fit_with_stl_sticks_the_landing_on_the_exact_posterior_and_plain_does_n
 def test_fit_refuses_dreg_for_a_guide_that_is_not_reparameterized():
     with pytest.raises(FitError, match="guide site 'c'"):
         fit(coin_model, coin_guide, torch.zeros(5), elbo="iwae-dreg", num_particles=4, num_steps=2, progress=False)
+
+
+# -- VIMCO: IWAE with a guide that is not reparameterized ----------------------------------
+
+COIN_P, COIN_X, COIN_K = 0.8, 1.5, 4  # q(c_i = 1) at the start, every x_i, the particles
+
+
+def local_coin_model(x, num_data=None):
+    """c_i ~ Bernoulli(0.3), x_i | c_i ~ N(2 c_i, 1): a discrete latent per data point."""
+    with data_plate(x, num_data):
+        c = pyro.sample("c", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(2 * c, 1.0), obs=x)
+
+
+def local_coin_guide(x, num_data=None):
+    """q(c_i) = Bernoulli(p_i), one p_i a row, so that each row's gradient is a separate draw."""
+    p = pyro.param("p", x.new_full((x.shape[0],), COIN_P), constraint=constraints.unit_interval)
+    with data_plate(x, num_data):
+        pyro.sample("c", dist.Bernoulli(p))
+
+
+def exact_iwae_gradients(log_w_of, K):
+    """d L_K / du at u = logit(COIN_P), exactly, by summing over the 2^K draws c_1..c_K ~ q_u; and
+    the mean of the estimator that differentiates log w at the drawn c only (no score term)."""
+    u = torch.tensor(math.log(COIN_P / (1 - COIN_P)), dtype=torch.float64, requires_grad=True)
+    q = dist.Bernoulli(torch.sigmoid(u))
+    bound = path_only = 0.0
+    for draw in itertools.product([0.0, 1.0], repeat=K):
+        c = torch.tensor(draw, dtype=torch.float64)
+        prob = q.log_prob(c).sum().exp()
+        L = torch.logsumexp(log_w_of(c) - q.log_prob(c), 0) - math.log(K)
+        bound, path_only = bound + prob * L, path_only + prob.detach() * L
+    return torch.autograd.grad(bound, u, retain_graph=True)[0], torch.autograd.grad(path_only, u)[0]
+
+
+def test_iwae_with_a_discrete_local_guide_site_is_unbiased_by_vimco_and_the_path_term_alone_is_not():
+    x = torch.full((R,), COIN_X, dtype=torch.float64)
+    exact, path_only = exact_iwae_gradients(
+        lambda c: dist.Bernoulli(0.3).log_prob(c) + dist.Normal(2 * c, 1.0).log_prob(torch.tensor(COIN_X)), COIN_K)
+    rows, = ascent_gradients(make_elbo("iwae", num_particles=COIN_K), local_coin_model, local_coin_guide, x,
+                             ["p"], seed=0)
+    error = (rows.mean() - exact) / (rows.std() / R ** 0.5)
+    assert abs(error) < 4, (float(rows.mean()), float(exact), float(error))
+    assert abs(path_only - exact) > 8 * rows.std() / R ** 0.5, (float(path_only), float(exact))
+
+
+def test_iwae_with_a_discrete_global_guide_site_is_unbiased_by_vimco():
+    """The coin c is global, so the bound is the batch's joint one and each call is one draw."""
+    x = torch.tensor([0.8, 1.9, 1.2, 0.4, 1.1], dtype=torch.float64)
+    exact, path_only = exact_iwae_gradients(
+        lambda c: dist.Bernoulli(0.3).log_prob(c) + dist.Normal(c[:, None], 1.0).log_prob(x).sum(-1), COIN_K)
+
+    def init():
+        pyro.param("p", torch.tensor(COIN_P, dtype=torch.float64), constraint=constraints.unit_interval)
+
+    draws = torch.stack([ascent_gradients(make_elbo("iwae", num_particles=COIN_K), coin_model, coin_guide, x,
+                                          ["p"], seed, init=init)[0] for seed in range(400)])
+    error = (draws.mean() - exact) / (draws.std() / 400 ** 0.5)
+    assert abs(error) < 4, (float(draws.mean()), float(exact), float(error))
+    assert abs(path_only - exact) > 8 * draws.std() / 400 ** 0.5, (float(path_only), float(exact))
+
+
+def test_vimco_signal_is_the_bound_minus_the_leave_one_out_bound():
+    log_w = torch.tensor([[0.3, -1.0], [1.2, 0.5], [-0.4, 2.0]], dtype=torch.float64)
+    signal = vimco_signal(log_w)
+    for k in range(3):
+        held_out = log_w.clone()
+        held_out[k] = torch.cat([log_w[:k], log_w[k + 1:]]).mean(0)
+        expected = torch.logsumexp(log_w, 0) - torch.logsumexp(held_out, 0)
+        assert torch.allclose(signal[k], expected, rtol=1e-12), (k, signal[k], expected)
+    assert torch.equal(vimco_signal(log_w[:1]), log_w[:1])  # K = 1: the bound itself
 
 
 # -- KL annealing ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from vi_toolkit import data_plate, fit
 from vi_toolkit.evaluation import evaluate, inference_gaps, log_likelihood_per_point, pointwise_estimates
 from vi_toolkit.result import FitResult, load_fit
 from vi_toolkit.session import FitSession
+from vi_toolkit.weights import sample_traces, trace_log_densities
 
 
 def set_params(result, values):
@@ -399,6 +400,23 @@ def joint_gaussian_fit(model, x, loc, scale, tril):
 def correlated_tril(dim, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.eye(dim) + torch.tril(0.5 * torch.randn(dim, dim, generator=gen) / math.sqrt(dim), -1)
+
+
+def test_log_densities_take_the_model_dtype_where_a_trace_has_no_local_terms():
+    """A global-only guide has no per-point terms; its zeros take the terms' dtype (and device)."""
+    def model(x, num_data=None):
+        mu = pyro.sample("mu", dist.Normal(x.new_zeros(()), 1.0))
+        with data_plate(x, num_data):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x, num_data=None):
+        pyro.sample("mu", dist.Normal(x.new_tensor(0.5), 0.7))
+
+    x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    densities = trace_log_densities(*sample_traces(model, guide, (x,), {}, 4, 1), 4)
+    (model_local, model_global), (guide_local, guide_global) = densities["model"], densities["guide"]
+    assert [t.dtype for t in (model_local, model_global, guide_local, guide_global)] == [torch.float64] * 4
+    assert torch.equal(guide_local, torch.zeros(4, 3, dtype=torch.float64))
 
 
 def test_a_joint_gaussian_guide_is_evaluated_per_point_against_the_exact_marginal():

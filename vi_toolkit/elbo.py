@@ -12,7 +12,8 @@ estimate of a lower bound on log p(x):
                    L_K = E[log 1/K sum_k p(x, z_k) / q(z_k | x)]; per data point when
                    every sample site is local to the data plate, else for the whole
                    batch jointly (the Renyi bound with alpha = 0); enumerated discrete
-                   latents are summed out of the weights.
+                   latents are summed out of the weights; guide sites without a
+                   reparameterized sampler get VIMCO's score-function term (below).
 * ``"stl"``        the ``"trace"`` ELBO with the sticking-the-landing gradient (Roeder et
                    al. 2017), for fully reparameterized guides (see below).
 * ``"iwae-dreg"``  the ``"iwae"`` bound with doubly reparameterized gradients (Tucker et
@@ -42,6 +43,16 @@ only, so log w + log q_phi(z-bar) has the path derivative as its phi-gradient, f
 whose later sites depend on earlier ones too. Neither changes the value of the objective;
 under ``torch.no_grad()`` (held-out evaluation) they compute the plain objective only.
 
+A guide site that cannot be reparameterized (a discrete z) has no path derivative, and
+L_K's gradient then needs the score term of the K draws, E[L_K d/dphi sum_k log q_phi(z_k)].
+Plain ``"iwae"`` adds it with VIMCO's leave-one-out baselines (Mnih & Rezende 2016)::
+
+    d L_K / dphi  ~=  d/dphi L_K |_z fixed  +  sum_k (L_K - L_K^(-k)) d/dphi log q_phi(z_k),
+
+where L_K^(-k) replaces log w_k by the mean of the other log weights; the baseline does not
+depend on z_k, so the estimate stays unbiased (:func:`vimco_signal`). Per data point when
+the bound is, else for the batch; q is the draws' own density, not scaled by N/B.
+
 The Trace and mean-field classes below compute the same estimators as Pyro's
 ``Trace_ELBO`` and ``TraceMeanField_ELBO``; they only avoid reading values back
 to the host (``.item()``, NaN warnings) inside the step, so that a fit on a GPU
@@ -59,7 +70,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from .plates import DATA_PLATE
-from .weights import is_local, sample_traces, trace_log_densities, trace_log_weights
+from .weights import contract_log_density, is_local, sample_traces, trace_log_densities, trace_log_weights
 
 ELBO_NAMES = ("auto", "trace", "meanfield", "enum", "iwae", "stl", "iwae-dreg")
 
@@ -106,13 +117,38 @@ def _surrogate_elbo(model_trace, guide_trace, analytic_kl):
     return elbo + surrogate
 
 
+def _not_reparameterized(guide_trace):
+    """The names of the guide's latent sample sites that have no reparameterized sampler."""
+    return [name for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample]
+
+
 def _require_reparameterized(guide_trace, objective):
     """Raise ``ValueError`` naming the first guide sample site that has no reparameterized sampler."""
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site["fn"].has_rsample:
-            raise ValueError(f"elbo={objective!r} needs a fully reparameterized guide, but guide site "
-                             f"{name!r} ({type(site['fn']).__name__}) has no reparameterized sampler "
-                             "(rsample); use the plain estimator for this guide")
+    for name in _not_reparameterized(guide_trace)[:1]:
+        site = guide_trace.nodes[name]
+        raise ValueError(f"elbo={objective!r} needs a fully reparameterized guide, but guide site "
+                         f"{name!r} ({type(site['fn']).__name__}) has no reparameterized sampler "
+                         "(rsample); use the plain estimator for this guide")
+
+
+def vimco_signal(log_w):
+    """VIMCO's learning signal L_K - L_K^(-k) of each particle k, detached (Mnih & Rezende 2016).
+
+    ``log_w`` holds K log weights along dim 0 (and any batch dims after it).
+    L_K = log 1/K sum_j w_j, and L_K^(-k) is the same bound with log w_k replaced by the
+    mean of the other K - 1 log weights, a baseline that does not depend on z_k; with
+    K = 1 there is no other particle and the signal is L_1 itself.
+    """
+    log_w = log_w.detach()
+    K = log_w.shape[0]
+    bound = torch.logsumexp(log_w, 0) - math.log(K)
+    if K == 1:
+        return bound.unsqueeze(0)
+    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)
+    eye = torch.eye(K, dtype=torch.bool, device=log_w.device).reshape((K, K) + (1,) * (log_w.dim() - 1))
+    held_out = torch.where(eye, others_mean.unsqueeze(1), log_w.unsqueeze(0))  # [k, j]: w_j, w_k replaced
+    return bound - (torch.logsumexp(held_out, 1) - math.log(K))
 
 
 def _replay_fixed(guide, guide_trace):
@@ -216,7 +252,8 @@ class IWAE(_LossFromDifferentiable, Trace_ELBO):
     of the guide, lies inside the plate over data points (``vi_toolkit.data_plate``) the
     bound is taken per data point, (N/B) sum_i log 1/K sum_k w_ik for a minibatch of B of N points; otherwise
     the whole batch is weighted jointly, log 1/K sum_k exp((N/B) sum_i log w_ik + log
-    p(theta_k) - log q(theta_k)), as Pyro's ``RenyiELBO(alpha=0)`` does.
+    p(theta_k) - log q(theta_k)), as Pyro's ``RenyiELBO(alpha=0)`` does. Guide sites
+    without a reparameterized sampler add VIMCO's score term (module docstring).
     """
 
     def __init__(self, num_particles=8, max_plate_nesting=float("inf")):
@@ -235,7 +272,15 @@ class IWAE(_LossFromDifferentiable, Trace_ELBO):
         return log_w, outer, outer * (torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        return -self.bound(self.sample_traces(model, guide, args, kwargs))[2]
+        traces = self.sample_traces(model, guide, args, kwargs)
+        log_w, outer, bound = self.bound(traces)
+        discrete = _not_reparameterized(traces[0])
+        if not discrete or not torch.is_grad_enabled():
+            return -bound
+        local, global_ = contract_log_density(traces[0], discrete, self.num_particles, log_w.shape[-1])
+        log_q = local if log_w.dim() == 2 else local.sum(-1) + global_  # unscaled: the draws' density
+        surrogate = outer * (vimco_signal(log_w) * log_q).sum()
+        return -(bound + surrogate - surrogate.detach())
 
 
 class DReG(IWAE):
@@ -308,4 +353,4 @@ def make_elbo(elbo: "str | ELBO", *, num_particles: int = 1, vectorize_particles
 
 
 __all__ = ["DReG", "ELBO_NAMES", "IWAE", "StickingTheLanding", "TraceELBO", "TraceMeanFieldELBO",
-           "make_elbo"]
+           "make_elbo", "vimco_signal"]

@@ -93,13 +93,14 @@ def contract_log_density(trace, names, num_samples, num_points, *, data_plate=DA
         raise ValueError("a discrete latent outside the data plate is marked for enumeration; "
                          "it couples every data point, so per-point log-densities do not exist")
     shape_kb, shape_k = (num_samples, num_points), (num_samples,)
-    local = torch.zeros(shape_kb)
+    like = next((trace.nodes[name]["packed"]["unscaled_log_prob"] for name in names), torch.zeros(()))
+    local = like.new_zeros(shape_kb)  # the terms' dtype and device, also where there are none
     if trees[True]:
         local = _align(contract_to_tensor(trees[True], sum_dims[True],
                                           target_ordinal=frozenset({sample_sym, data_sym}),
                                           ring=LogRing(dim_to_size=sizes)),
                        (sample_sym, data_sym), shape_kb)
-    global_ = torch.zeros(shape_k)
+    global_ = like.new_zeros(shape_k)
     if trees[False]:
         global_ = _align(contract_to_tensor(trees[False], set(),
                                             target_ordinal=frozenset({sample_sym}),
