@@ -45,7 +45,11 @@ first dimension and sliced at each step, a per-step learning-rate schedule's rat
 one row a step (the schedule stepped past the block first, as the one-step path steps it
 after each step), every step's loss written into one vector. Inductor
 compiles it with its C++ wrapper, so the loop itself runs in C++. The last, smaller batch of
-an epoch runs alone in its one-step graph. The random numbers are torch's, drawn in the eager
+an epoch runs alone in its one-step graph. torch's Gamma and Dirichlet samplers (behind
+``Gamma``, ``Beta`` and ``Dirichlet`` guides) take a ``Generator`` argument, which the C++ wrapper
+can only hand over through a Python callback at every step (half of a Beta-Bernoulli step);
+in a block they are operators of the same draws without it, called through the dispatcher.
+The random numbers are torch's, drawn in the eager
 order, so a fit in blocks is the eager fit to float32 rounding too, and a divergence is
 replayed, one step a call, to the step that failed. Blocks run where the interval is at least
 :data:`BLOCK_MIN_STEPS` = 50 steps (the loop's graph takes several seconds more to compile on
@@ -411,6 +415,29 @@ def _(x, w, b):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+# torch's samplers whose schema has a Generator: Inductor's C++ wrapper calls them through a
+# Python callback that imports modules and converts arguments (~36 us a call, measured in a
+# Beta guide's loop); without the Generator (torch's default one, as the aten op with None) the
+# wrapper calls them through the dispatcher, as any other fallback op
+_SAMPLERS = {torch.ops.aten._standard_gamma.default: ("standard_gamma", torch._standard_gamma),
+             torch.ops.aten._sample_dirichlet.default: ("sample_dirichlet", torch._sample_dirichlet)}
+for _name, _draw in _SAMPLERS.values():
+    _LIBRARY.define(f"{_name}(Tensor concentration) -> Tensor")
+    _LIBRARY.impl(_name, _draw, "CPU")
+    torch.library.register_fake(f"vi_toolkit::{_name}", lambda concentration: torch.empty_like(concentration),
+                                lib=_LIBRARY)
+
+
+def _route_samplers(gm):
+    """torch's Gamma and Dirichlet samplers of ``gm``, drawn from torch's default generator, as
+    :data:`_SAMPLERS`' operators of the same draws, for a graph compiled with the C++ wrapper."""
+    for node in gm.graph.nodes:
+        if node.target in _SAMPLERS and (node.args[1:] + tuple(node.kwargs.values()) in ((), (None,))):
+            node.target = getattr(torch.ops.vi_toolkit, _SAMPLERS[node.target][0]).default
+            node.args, node.kwargs = node.args[:1], {}
+    gm.recompile()
+
+
 ONEDNN_MIN_FLOPS = 16e6  # smaller products by torch's BLAS: oneDNN's ~15 us a call outweigh its speed
 
 
@@ -519,6 +546,7 @@ class StepGraph:
         self.seconds = None  # tracing and compiling
         options = {"fallback_random": True, **(options or {})}
         if block is not None:
+            _route_samplers(gm)
             gm, example = _loop_graph(gm, example, n=n, batch=batch, groups=len(rule.optimizer.param_groups),
                                       steps=block[0], stacked=block[1], scheduled=block[2])
             options["cpp_wrapper"] = True  # the loop in C++ (a plain-torch trial: 9 us a step, 20 in Python)
