@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+from torch._inductor import codecache
 from torch.distributions import constraints
 
 from vi_toolkit import Callback, DivergenceError, FitError, data_plate, fit, load_checkpoint, make_elbo
@@ -503,48 +504,36 @@ def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(
         rel=rel)
 
 
-def beta_bernoulli_model(x, num_data=None):
-    p = pyro.sample("p", dist.Beta(x.new_tensor(2.0), x.new_tensor(2.0)))
-    with data_plate(x, num_data):
-        pyro.sample("x", dist.Bernoulli(p), obs=x)
+def one_latent(prior, likelihood, family):
+    """``(model, guide)``: z ~ prior, x_i | z ~ likelihood(z), and q(z) = family(a, b)."""
+    def model(x, num_data=None):
+        z = pyro.sample("z", prior(x.new_tensor(2.0), x.new_tensor(1.0)))
+        with data_plate(x, num_data):
+            pyro.sample("x", likelihood(z), obs=x)
+
+    def guide(x, num_data=None):
+        a = pyro.param("a", x.new_tensor(2.0), constraint=constraints.positive)
+        b = pyro.param("b", x.new_tensor(1.0), constraint=constraints.positive)
+        pyro.sample("z", family(a, b))
+
+    return model, guide
 
 
-def beta_guide(x, num_data=None):
-    """q(p) = Beta(a, b): drawn by torch's Dirichlet sampler."""
-    a = pyro.param("a", x.new_tensor(1.0), constraint=constraints.positive)
-    b = pyro.param("b", x.new_tensor(1.0), constraint=constraints.positive)
-    pyro.sample("p", dist.Beta(a, b))
-
-
-def poisson_gamma_model(x, num_data=None):
-    rate = pyro.sample("rate", dist.Gamma(x.new_tensor(2.0), x.new_tensor(1.0)))
-    with data_plate(x, num_data):
-        pyro.sample("x", dist.Poisson(rate), obs=x)
-
-
-def gamma_guide(x, num_data=None):
-    """q(rate) = Gamma(a, b): drawn by torch's Gamma sampler."""
-    a = pyro.param("a", x.new_tensor(2.0), constraint=constraints.positive)
-    b = pyro.param("b", x.new_tensor(1.0), constraint=constraints.positive)
-    pyro.sample("rate", dist.Gamma(a, b))
-
-
-@pytest.mark.parametrize("model,guide,data", [
-    (beta_bernoulli_model, beta_guide, (torch.arange(60) % 3 == 0).float()),
-    (poisson_gamma_model, gamma_guide, (torch.arange(60) % 5).float()),
+@pytest.mark.parametrize("pair,data", [  # q = Beta: torch's Dirichlet sampler; q = Gamma: its Gamma sampler
+    (one_latent(dist.Beta, dist.Bernoulli, dist.Beta), (torch.arange(60) % 3 == 0).float()),
+    (one_latent(dist.Gamma, dist.Poisson, dist.Gamma), (torch.arange(60) % 5).float()),
 ], ids=["beta", "gamma"])
 def test_a_block_draws_gamma_and_dirichlet_variates_as_the_eager_fit_without_calling_python(
-        model, guide, data, monkeypatch):
+        pair, data, monkeypatch):
     """torch's Gamma and Dirichlet samplers take a Generator, which Inductor's C++ wrapper passes
     through a Python callback at every step; the block draws them through the dispatcher
     instead, the same numbers from torch's default generator."""
-    from torch._inductor import codecache
     callbacks = []
     original = codecache.custom_op_wrapper
     monkeypatch.setattr(codecache, "custom_op_wrapper", lambda op, *args: callbacks.append(op) or original(op, *args))
     settings = dict(num_steps=100, num_particles=4, lr=0.05, progress=False, seed=1, options={"log_every": 50})
-    in_blocks = fit(model, guide, data, compile=True, **settings)
-    eager = fit(model, guide, data, compile=False, **settings)
+    in_blocks = fit(*pair, data, compile=True, **settings)
+    eager = fit(*pair, data, compile=False, **settings)
     assert in_blocks.config["compile"]["steps_per_call"] == 50
     assert callbacks == []
     assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=5e-5)
