@@ -416,8 +416,8 @@ def _(x, w, b):
 
 
 # torch's samplers whose schema has a Generator: Inductor's C++ wrapper calls them through a
-# Python callback that imports modules and converts arguments (~36 us a call, measured in a
-# Beta guide's loop); without the Generator (torch's default one, as the aten op with None) the
+# Python callback that imports modules and converts arguments (under cProfile, 10.7 s of a
+# 300,000-step Beta-Bernoulli fit's 22 s in its graph); without the Generator (torch's default one, as the aten op with None) the
 # wrapper calls them through the dispatcher, as any other fallback op
 _SAMPLERS = {torch.ops.aten._standard_gamma.default: ("standard_gamma", torch._standard_gamma),
              torch.ops.aten._sample_dirichlet.default: ("sample_dirichlet", torch._sample_dirichlet)}

@@ -125,8 +125,9 @@ def _not_reparameterized(guide_trace):
 
 def _require_reparameterized(guide_trace, objective):
     """Raise ``ValueError`` naming the first guide sample site that has no reparameterized sampler."""
-    for name in _not_reparameterized(guide_trace)[:1]:
-        site = guide_trace.nodes[name]
+    names = _not_reparameterized(guide_trace)
+    if names:
+        name, site = names[0], guide_trace.nodes[names[0]]
         raise ValueError(f"elbo={objective!r} needs a fully reparameterized guide, but guide site "
                          f"{name!r} ({type(site['fn']).__name__}) has no reparameterized sampler "
                          "(rsample); use the plain estimator for this guide")
