@@ -166,7 +166,8 @@ class LinearDiscriminant(Rebuildable):
         corr = (pyro.sample("corr_cholesky", dist.LKJCholesky(D, x.new_tensor(self.eta)))
                 if self.full else None)
         with data_plate(x, num_data, dim=-1):
-            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            # z_i ~ Cat(pi), by its log-weights: taken once, where probs would take them per point
+            z = pyro.sample("z", dist.Categorical(logits=weights.log()), infer={"enumerate": "parallel"})
             pyro.sample("x", self._class_density(locs, scales, corr, z), obs=x)
             with poutine.mask(mask=labelled):
                 label = torch.nn.functional.one_hot(z, K).to(x.dtype).log()  # 0 at z, -inf elsewhere

@@ -70,7 +70,8 @@ class GaussianMixture(Rebuildable):
             corr = (pyro.sample("corr_cholesky", dist.LKJCholesky(D, x.new_tensor(self.eta)))
                     if self.full else None)
         with data_plate(x, num_data, dim=-1):
-            z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+            # z_i ~ Cat(pi), by its log-weights: taken once, where probs would take them per point
+            z = pyro.sample("z", dist.Categorical(logits=weights.log()), infer={"enumerate": "parallel"})
             pyro.sample("x", self._component(locs, scales, corr, z), obs=x)
 
     def _component(self, locs, scales, corr, z=None):
