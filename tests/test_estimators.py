@@ -319,6 +319,40 @@ def test_iwae_with_a_discrete_global_guide_site_is_unbiased_by_vimco():
     assert abs(path_only - exact) > 8 * draws.std() / 400 ** 0.5, (float(path_only), float(exact))
 
 
+def test_iwae_with_discrete_local_sites_in_a_joint_bound_is_unbiased_by_vimco():
+    """A global mu (a point mass) makes the bound joint over the batch, with a coin c_i per point:
+    log q of the K draws is per point, summed over the B = 3 points (B != K); the exact L_K sums
+    over all 2^(K B) draws."""
+    x = torch.tensor([0.3, 2.1, 1.4], dtype=torch.float64)
+    K, B, m = 2, 3, 0.4
+
+    def model(x, num_data=None):
+        mu = pyro.sample("mu", dist.Normal(x.new_tensor(0.0), 1.0))
+        with data_plate(x, num_data):
+            c = pyro.sample("c", dist.Bernoulli(0.3))
+            pyro.sample("x", dist.Normal(mu + 2 * c, 1.0), obs=x)
+
+    def guide(x, num_data=None):
+        pyro.sample("mu", dist.Delta(x.new_tensor(m)))
+        p = pyro.param("p", x.new_tensor(COIN_P), constraint=constraints.unit_interval)
+        with data_plate(x, num_data):
+            pyro.sample("c", dist.Bernoulli(p))
+
+    u = torch.tensor(math.log(COIN_P / (1 - COIN_P)), dtype=torch.float64, requires_grad=True)
+    q = dist.Bernoulli(torch.sigmoid(u))
+    exact = 0.0
+    for draw in itertools.product([0.0, 1.0], repeat=K * B):
+        c = torch.tensor(draw, dtype=torch.float64).reshape(K, B)
+        log_w = (dist.Normal(0.0, 1.0).log_prob(torch.tensor(m)) + (dist.Bernoulli(0.3).log_prob(c)
+                 + dist.Normal(m + 2 * c, 1.0).log_prob(x) - q.log_prob(c)).sum(-1))
+        exact = exact + q.log_prob(c).sum().exp() * (torch.logsumexp(log_w, 0) - math.log(K))
+    exact, = torch.autograd.grad(exact, u)
+    draws = torch.stack([ascent_gradients(make_elbo("iwae", num_particles=K), model, guide, x, ["p"], seed)[0]
+                         for seed in range(400)])
+    error = (draws.mean() - exact) / (draws.std() / 400 ** 0.5)
+    assert abs(error) < 4, (float(draws.mean()), float(exact), float(error))
+
+
 def test_vimco_signal_is_the_bound_minus_the_leave_one_out_bound():
     log_w = torch.tensor([[0.3, -1.0], [1.2, 0.5], [-0.4, 2.0]], dtype=torch.float64)
     signal = vimco_signal(log_w)

@@ -70,7 +70,8 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from .plates import DATA_PLATE
-from .weights import contract_log_density, is_local, sample_traces, trace_log_densities, trace_log_weights
+from .weights import (batch_size, contract_log_density, is_local, sample_traces, trace_log_densities,
+                      trace_log_weights)
 
 ELBO_NAMES = ("auto", "trace", "meanfield", "enum", "iwae", "stl", "iwae-dreg")
 
@@ -278,7 +279,7 @@ class IWAE(_LossFromDifferentiable, Trace_ELBO):
         discrete = _not_reparameterized(traces[0])
         if not discrete or not torch.is_grad_enabled():
             return -bound
-        local, global_ = contract_log_density(traces[0], discrete, self.num_particles, log_w.shape[-1])
+        local, global_ = contract_log_density(traces[0], discrete, self.num_particles, batch_size(*traces))
         log_q = local if log_w.dim() == 2 else local.sum(-1) + global_  # unscaled: the draws' density
         surrogate = outer * (vimco_signal(log_w) * log_q).sum()
         return -(bound + surrogate - surrogate.detach())

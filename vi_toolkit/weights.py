@@ -114,6 +114,17 @@ def sample_sites(trace):
     return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
 
 
+def batch_size(guide_trace, model_trace, *, data_plate=DATA_PLATE):
+    """The size B of the plate over data points in the traces (the batch's points)."""
+    num_points = next((f.size for tr in (model_trace, guide_trace) for site in tr.nodes.values()
+                       if site["type"] == "sample" for f in site["cond_indep_stack"]
+                       if f.name == data_plate), None)
+    if num_points is None:
+        raise ValueError(f"the model has no plate named {data_plate!r}; open the plate over "
+                         "data points with vi_toolkit.data_plate(x, num_data)")
+    return num_points
+
+
 def trace_log_densities(guide_trace, model_trace, num_samples, *, data_plate=DATA_PLATE):
     """Log-densities of the traces of :func:`sample_traces`, split into per-point and global.
 
@@ -122,12 +133,7 @@ def trace_log_densities(guide_trace, model_trace, num_samples, *, data_plate=DAT
     model local_ik = log p(x_i, z_ik | theta_k) with enumerated sites summed out, model
     global_k = log p(theta_k), and the guide's log q likewise.
     """
-    num_points = next((f.size for tr in (model_trace, guide_trace) for site in tr.nodes.values()
-                       if site["type"] == "sample" for f in site["cond_indep_stack"]
-                       if f.name == data_plate), None)
-    if num_points is None:
-        raise ValueError(f"the model has no plate named {data_plate!r}; open the plate over "
-                         "data points with vi_toolkit.data_plate(x, num_data)")
+    num_points = batch_size(guide_trace, model_trace, data_plate=data_plate)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()
     guide_trace.pack_tensors()
