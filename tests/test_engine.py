@@ -243,6 +243,21 @@ def test_a_nan_initial_parameter_without_validation_is_a_divergence_naming_it(x)
         fit(conjugate.model, guide, x, num_steps=5, options={"validate": False}, **QUIET)
 
 
+def test_a_parameter_made_infinite_by_the_last_update_is_a_divergence_though_every_loss_is_finite(x):
+    """The one step's loss is 1e38, finite; its SGD update takes w to -inf. The read-back checks
+    the parameters as well as the losses, so the fit does not return w = -inf without a word."""
+    def model(x, num_data=None):
+        w = pyro.param("w", torch.tensor(1.0))
+        pyro.factor("push", -w * 1e38)
+
+    message = "a parameter became NaN or infinite in the update .the loss was finite. at step 1; offending: parameter"
+    with pytest.raises(DivergenceError, match=message) as info:
+        fit(model, lambda x, num_data=None: None, x, optimizer="sgd", lr=10.0, num_steps=1,
+            options={"validate": False}, **QUIET)
+    assert info.value.result.params["w"] == 1.0  # the state before the update
+    assert info.value.site == "parameter 'w'"
+
+
 def test_data_that_cannot_reach_the_device_names_both_devices():
     data = torch.empty(10, device="meta")
     with pytest.raises(ValueError, match="data is on device meta and cannot be moved to the fit's device cpu"):

@@ -346,10 +346,11 @@ class Loop:
             return f"unknown ({err})"
         return None
 
-    def diverged(self, good, step):
-        """Replay from the last good state to the failing step, name the culprit, restore."""
+    def diverged(self, good, step, update=False):
+        """Replay from the last good state to the failing step (``update``: through it, whose
+        loss was finite and whose update was not), name the culprit, restore."""
         self.restore(good, "the last good state")
-        while self.step < step - 1:  # the replay is exact: the state holds every RNG
+        while self.step < (step if update else step - 1):  # the replay is exact: the state holds every RNG
             self.train_step(self.next_batch()[0])
             self.step += 1
         site = self.offending_site(self.next_batch()[0])
@@ -358,11 +359,13 @@ class Loop:
         last = self.history["elbo"][-1] if self.history["elbo"] else None
         last_text = "none yet" if last is None else f"{last:.6g} per data point"
         where = f"; offending: {site}" if site else ""
+        what = ("a parameter became NaN or infinite in the update (the loss was finite)" if update
+                else "the loss became NaN or infinite")
         advice = ("Lower lr, set clip_norm, or check the model's scales; if a parameter left its "
                   "support (a scale below zero), constrain it (pyro.param(..., constraint=...)) or "
                   "project it after every update in a Callback.on_step_end.")
         raise DivergenceError(
-            f"the loss became NaN or infinite at step {step}{where}. The last finite ELBO was "
+            f"{what} at step {step}{where}. The last finite ELBO was "
             f"{last_text}; the fit's parameters are restored to step {self.step} (the error's "
             f".result holds them). {advice}",
             step=step, last_elbo=last, site=site, result=self.result())
@@ -413,13 +416,16 @@ class Loop:
                                "is in the error's .result.", step=self.step, result=self.result()) from err
 
     def readback(self, pending):
-        """Read the interval's losses back (summed over processes); their first bad index."""
+        """Read the interval's losses back (summed over processes); their first bad index, and
+        whether it is bad in its update only (every loss finite, a parameter not)."""
         losses = self.strategy.sum(torch.cat(pending)).tolist()
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-        if bad is None and not torch.stack(
-                [torch.isfinite(p).all() for p in self.step_fn.params.values()]).all():
-            bad = len(losses) - 1
-        return losses, bad
+        if bad is None:
+            with torch.no_grad():  # each parameter's largest |value|: inf or nan where any value is
+                largest = torch._foreach_norm(list(self.step_fn.params.values()), math.inf)
+            if not torch.isfinite(torch.stack(largest)).all():
+                return losses, len(losses) - 1, True
+        return losses, bad, False
 
     def block_steps(self) -> int:
         """The most steps one call of the step may run (see the module): the logging interval
@@ -474,10 +480,10 @@ class Loop:
         record = end_of_epoch if self.minibatch else (self.step % self.log_every == 0 or last)
         if not (record or self.step % self.log_every == 0 or last):
             return good
-        losses, bad = self.readback(pending)
+        losses, bad, update = self.readback(pending)
         pending.clear()
         if bad is not None:
-            self.diverged(good, self.step - len(losses) + bad + 1)
+            self.diverged(good, self.step - len(losses) + bad + 1, update)
         self.history["loss"].extend(losses)
         self.interval.extend(losses)
         if record or (last and self.interval):
