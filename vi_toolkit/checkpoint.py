@@ -57,13 +57,14 @@ def load_checkpoint(path, map_location="cpu"):
 def get_rng_state():
     """The state of every random number generator a fit draws from, as safe types."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, _ = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+        "python": [*internal, version],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():  # not is_available, which asks the driver (26 us, at every read-back)
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

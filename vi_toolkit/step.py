@@ -110,11 +110,12 @@ class EagerStep:
     def state_dict(self):
         """Parameter values, module buffers, optimizer and scheduler states (copies)."""
         clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
+        optimizer = self.optimizer.state_dict()  # its groups are new dicts; its state, the live tensors
         return {
             "params": clone(self.params),
             "buffers": {role: clone(dict(m.named_buffers()))
                         for role, m in modules_of(self.model, self.guide).items()},
-            "optimizer": map_tensors(lambda t: t.detach().clone(), self.optimizer.state_dict()),
+            "optimizer": {**optimizer, "state": map_tensors(lambda t: t.detach().clone(), optimizer["state"])},
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "epoch_scheduler": None if self.epoch_scheduler is None else self.epoch_scheduler.state_dict(),
         }
