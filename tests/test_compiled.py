@@ -435,15 +435,44 @@ def model_that_grows_a_site(after_step):
     return growing_model, switch
 
 
-def test_a_site_added_late_in_a_full_batch_fit_is_caught_within_the_checks_widest_spacing(x):
+def test_a_site_added_late_in_a_full_batch_fit_is_caught_within_the_checks_widest_spacing(x, monkeypatch):
     """Full batch: every step ends an epoch, and the check of the sites (one eager trace) spaces
     itself out while they stay unchanged (100, 200, 400 steps, then CHECK_AT_MOST); a site that
-    a callback adds after 1,000 steps is still caught, no later than CHECK_AT_MOST steps on."""
+    a callback adds after 1,000 steps is still caught, no later than CHECK_AT_MOST steps on (the
+    checks' share of the time not limiting them: see the next test)."""
+    monkeypatch.setattr(compiled, "CHECK_TIME_SHARE", 1.0)
     growing_model, switch = model_that_grows_a_site(after_step=999)
     with pytest.raises(FitError, match="sites of the model or guide changed.*'model', 'nuisance'") as caught:
         fit(growing_model, conjugate_guide.guide, x, num_steps=3000, lr=0.05, progress=False, seed=0,
             compile=True, callbacks=[switch])
     assert 1000 < caught.value.step <= 1000 + compiled.CHECK_AT_MOST + 1
+
+
+def test_checks_of_the_sites_that_cost_more_than_their_share_of_the_time_wait(x, monkeypatch):
+    """With the checks' share of the time unbounded (100%) a full-batch fit of 3,000 steps checks
+    the sites at steps 100, 300, 700, 1,500 and 2,300; at CHECK_TIME_SHARE = 2% a check that
+    takes 1,000 s (a clock moved on inside it) waits 49,000 s for the next one, so the fit
+    checks once, at step 100. The fits' losses are the same."""
+    clock = {"offset": 0.0, "cost": 0.0, "checks": 0}
+    perf_counter, site_structure = compiled.time.perf_counter, compiled.site_structure
+
+    def costly_site_structure(*args, **kwargs):
+        clock["checks"] += 1
+        clock["offset"] += clock["cost"]
+        return site_structure(*args, **kwargs)
+
+    monkeypatch.setattr(compiled, "site_structure", costly_site_structure)
+    monkeypatch.setattr(compiled.time, "perf_counter", lambda: perf_counter() + clock["offset"])
+    runs = {}
+    for share, cost in ((1.0, 0.0), (0.02, 1000.0)):
+        monkeypatch.setattr(compiled, "CHECK_TIME_SHARE", share)
+        clock.update(cost=cost, checks=0)
+        result = fit(conjugate.model, conjugate_guide.guide, x, num_steps=3000, lr=0.05, progress=False, seed=0,
+                     compile=True)
+        runs[share] = (clock["checks"], result.history["loss"])
+    (unbounded_checks, unbounded), (bounded_checks, bounded) = runs[1.0], runs[0.02]
+    assert unbounded_checks - bounded_checks == 4
+    assert unbounded == bounded
 
 
 def test_an_optimizer_other_than_adam_applies_the_graph_s_gradients_and_the_report_says_so(x):
