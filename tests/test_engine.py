@@ -250,7 +250,7 @@ def test_a_parameter_made_infinite_by_the_last_update_is_a_divergence_though_eve
         w = pyro.param("w", torch.tensor(1.0))
         pyro.factor("push", -w * 1e38)
 
-    message = "a parameter became NaN or infinite in the update .the loss was finite. at step 1; offending: parameter"
+    message = "the update of step 1 made a parameter NaN or infinite .its loss was finite.; offending: parameter"
     with pytest.raises(DivergenceError, match=message) as info:
         fit(model, lambda x, num_data=None: None, x, optimizer="sgd", lr=10.0, num_steps=1,
             options={"validate": False}, **QUIET)

@@ -359,13 +359,13 @@ class Loop:
         last = self.history["elbo"][-1] if self.history["elbo"] else None
         last_text = "none yet" if last is None else f"{last:.6g} per data point"
         where = f"; offending: {site}" if site else ""
-        what = ("a parameter became NaN or infinite in the update (the loss was finite)" if update
-                else "the loss became NaN or infinite")
+        what = (f"the update of step {step} made a parameter NaN or infinite (its loss was finite)" if update
+                else f"the loss became NaN or infinite at step {step}")
         advice = ("Lower lr, set clip_norm, or check the model's scales; if a parameter left its "
                   "support (a scale below zero), constrain it (pyro.param(..., constraint=...)) or "
                   "project it after every update in a Callback.on_step_end.")
         raise DivergenceError(
-            f"{what} at step {step}{where}. The last finite ELBO was "
+            f"{what}{where}. The last finite ELBO was "
             f"{last_text}; the fit's parameters are restored to step {self.step} (the error's "
             f".result holds them). {advice}",
             step=step, last_elbo=last, site=site, result=self.result())

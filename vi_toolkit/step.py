@@ -110,7 +110,9 @@ class EagerStep:
     def state_dict(self):
         """Parameter values, module buffers, optimizer and scheduler states (copies)."""
         clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
-        optimizer = self.optimizer.state_dict()  # its groups are new dicts; its state, the live tensors
+        optimizer = self.optimizer.state_dict()  # new group dicts (a tensor in one is cloned); the live state
+        optimizer["param_groups"] = [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in group.items()}
+                                     for group in optimizer["param_groups"]]
         return {
             "params": clone(self.params),
             "buffers": {role: clone(dict(m.named_buffers()))
