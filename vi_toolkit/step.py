@@ -110,14 +110,11 @@ class EagerStep:
     def state_dict(self):
         """Parameter values, module buffers, optimizer and scheduler states (copies)."""
         clone = lambda d: {k: v.detach().clone() for k, v in d.items()}  # noqa: E731
-        optimizer = self.optimizer.state_dict()  # new group dicts (a tensor in one is cloned); the live state
-        optimizer["param_groups"] = [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in group.items()}
-                                     for group in optimizer["param_groups"]]
         return {
             "params": clone(self.params),
             "buffers": {role: clone(dict(m.named_buffers()))
                         for role, m in modules_of(self.model, self.guide).items()},
-            "optimizer": {**optimizer, "state": map_tensors(lambda t: t.detach().clone(), optimizer["state"])},
+            "optimizer": map_tensors(lambda t: t.detach().clone(), self.optimizer.state_dict()),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "epoch_scheduler": None if self.epoch_scheduler is None else self.epoch_scheduler.state_dict(),
         }
