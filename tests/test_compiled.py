@@ -252,6 +252,63 @@ def test_log1p_from_log_is_log1p_to_float32_rounding_where_log_of_one_plus_y_is_
     assert log1p_from_log(special)[:2].tolist() == [-math.inf, math.inf]
 
 
+def traced_and_hoisted(f, *inputs):
+    """``(graph as traced, graph after compiled._hoist_broadcasts)`` of ``f`` at ``inputs``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced, hoisted = make_fx(f)(*inputs), make_fx(f)(*inputs)
+    compiled._hoist_broadcasts(hoisted)
+    return traced, hoisted
+
+
+def elementwise_shapes(gm, op):
+    return [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is op]
+
+
+def test_elementwise_operations_of_a_broadcast_tensor_run_before_the_broadcast_to_the_same_values():
+    """A Bernoulli's logits of probabilities expanded over a plate (torch's clamp, log, log1p of
+    the expanded tensor): after the pass the logs take the 8 particles' values, not 8 x 400, and
+    the graph's outputs are the traced graph's."""
+    def logits_loss(p, x):
+        q = p.expand(8, 400).clamp(1e-6, 1 - 1e-6)
+        logits = torch.log(q) - torch.log1p(-q)
+        return (x * logits - torch.nn.functional.softplus(logits)).sum(), torch.sigmoid(logits) - x
+
+    gen = torch.Generator().manual_seed(0)
+    p, x = torch.rand(8, 1, generator=gen), (torch.rand(8, 400, generator=gen) < 0.3).float()
+    traced, hoisted = traced_and_hoisted(logits_loss, p, x)
+    aten = torch.ops.aten
+    assert elementwise_shapes(traced, aten.log.default) == [(8, 400)]
+    assert elementwise_shapes(hoisted, aten.log.default) == [(8, 1)]
+    assert elementwise_shapes(hoisted, aten.log1p.default) == [(8, 1)]
+    assert elementwise_shapes(hoisted, aten.sub.Tensor)[0] == (8, 1)
+    (loss, residual), (expected_loss, expected_residual) = hoisted(p, x), traced(p, x)
+    # to float32 rounding: torch's CPU kernels take vectorized and scalar paths by size and
+    # layout, whose log and sigmoid differ in the last bit, and sum in another order
+    assert_float32_close(residual, expected_residual)
+    assert_float32_close(loss, expected_loss)
+
+
+def test_the_broadcast_is_kept_where_moving_it_would_change_a_dtype_or_a_layout_read():
+    """Two negative controls: a 0-d float64 broadcast against float32 values promotes them to
+    float64, which its 0-d source would not (type promotion ignores 0-d tensors); a ``view`` of
+    the result reads its memory's layout, which a broadcast (zero strides) does not have."""
+    aten = torch.ops.aten
+
+    def promoted(scale, x):
+        return (scale.expand(8, 400) * x).sum(-1)
+
+    traced, hoisted = traced_and_hoisted(promoted, torch.tensor(2.0, dtype=torch.float64), torch.rand(8, 1))
+    assert elementwise_shapes(hoisted, aten.mul.Tensor) == [(8, 400)]
+    assert hoisted(torch.tensor(2.0, dtype=torch.float64), torch.rand(8, 1)).dtype == torch.float64
+
+    def viewed(p):
+        return torch.log(p.expand(8, 400)).view(3200)
+
+    traced, hoisted = traced_and_hoisted(viewed, torch.rand(8, 1))
+    assert elementwise_shapes(hoisted, aten.log.default) == [(8, 400)]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear primitive")
 def test_a_network_s_products_by_onednn_and_by_mm_equal_the_eager_step_at_the_same_draws():
