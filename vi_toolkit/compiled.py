@@ -67,6 +67,10 @@ of the weight gradients written contiguously by the kernels that compute them. O
 replay and the optimizer's update run without torch-function modes (the linear route costs a
 Python call for each torch call of the step, and the graph holds its products already).
 
+Broadcasts. Elementwise operations of a broadcast (expanded) tensor are computed before the
+broadcast, ``f(expand(a), b)`` as ``expand(f(a, b))``, where that is fewer elements: the same
+values, since broadcasting commutes with elementwise operations (:func:`_hoist_broadcasts`).
+
 While tracing, Pyro's host syncs inside the loss (``torch_item``, ``warn_if_nan``) are
 replaced by their traceable equivalents (a detach, nothing), distribution validation is off
 and torch's random state is restored afterwards, so that compiling draws no random numbers.
