@@ -290,9 +290,10 @@ def test_elementwise_operations_of_a_broadcast_tensor_run_before_the_broadcast_t
 
 
 def test_the_broadcast_is_kept_where_moving_it_would_change_a_dtype_or_a_layout_read():
-    """Two negative controls: a 0-d float64 broadcast against float32 values promotes them to
+    """Negative controls: a 0-d float64 broadcast against float32 values promotes them to
     float64, which its 0-d source would not (type promotion ignores 0-d tensors); a ``view`` of
-    the result reads its memory's layout, which a broadcast (zero strides) does not have."""
+    the result reads its memory's layout, which a broadcast (zero strides) does not have; a
+    random draw over a broadcast draws for every element."""
     aten = torch.ops.aten
 
     def promoted(scale, x):
@@ -307,6 +308,12 @@ def test_the_broadcast_is_kept_where_moving_it_would_change_a_dtype_or_a_layout_
 
     traced, hoisted = traced_and_hoisted(viewed, torch.rand(8, 1))
     assert elementwise_shapes(hoisted, aten.log.default) == [(8, 400)]
+
+    def drawn(p):  # a draw for every element of the broadcast, not one a particle
+        return torch.bernoulli(p.expand(8, 400)).sum(-1)
+
+    traced, hoisted = traced_and_hoisted(drawn, torch.rand(8, 1))
+    assert elementwise_shapes(hoisted, aten.bernoulli.default) == [(8, 400)]
 
 
 @pytest.mark.slow

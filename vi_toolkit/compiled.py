@@ -514,12 +514,15 @@ def _hoist_broadcasts(gm):
     for node in list(graph.nodes):
         out = node.meta.get("val")
         if (node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload)
-                or torch.Tag.pointwise not in node.target.tags or not isinstance(out, torch.Tensor)):
+                or torch.Tag.pointwise not in node.target.tags or not isinstance(out, torch.Tensor)
+                or torch.Tag.nondeterministic_seeded in node.target.tags):  # a draw per element stays one
             continue
         operands = node.all_input_nodes
         if not any(a.target is expand for a in operands) or not all(_reads_values(u) for u in node.users):
             continue
         source = {a: _unbroadcast(a) for a in operands}
+        if not all(isinstance(s.meta.get("val"), torch.Tensor) for s in source.values()):
+            continue
         if math.prod(torch.broadcast_shapes(*(s.meta["val"].shape for s in source.values()))) >= out.numel():
             continue
         args, kwargs = (torch.fx.node.map_arg(a, source.get) for a in (node.args, node.kwargs))
