@@ -299,20 +299,20 @@ def test_the_broadcast_is_kept_where_moving_it_would_change_a_dtype_or_a_layout_
     def promoted(scale, x):
         return (scale.expand(8, 400) * x).sum(-1)
 
-    traced, hoisted = traced_and_hoisted(promoted, torch.tensor(2.0, dtype=torch.float64), torch.rand(8, 1))
+    _, hoisted = traced_and_hoisted(promoted, torch.tensor(2.0, dtype=torch.float64), torch.rand(8, 1))
     assert elementwise_shapes(hoisted, aten.mul.Tensor) == [(8, 400)]
     assert hoisted(torch.tensor(2.0, dtype=torch.float64), torch.rand(8, 1)).dtype == torch.float64
 
     def viewed(p):
         return torch.log(p.expand(8, 400)).view(3200)
 
-    traced, hoisted = traced_and_hoisted(viewed, torch.rand(8, 1))
+    _, hoisted = traced_and_hoisted(viewed, torch.rand(8, 1))
     assert elementwise_shapes(hoisted, aten.log.default) == [(8, 400)]
 
     def drawn(p):  # a draw for every element of the broadcast, not one a particle
         return torch.bernoulli(p.expand(8, 400)).sum(-1)
 
-    traced, hoisted = traced_and_hoisted(drawn, torch.rand(8, 1))
+    _, hoisted = traced_and_hoisted(drawn, torch.rand(8, 1))
     assert elementwise_shapes(hoisted, aten.bernoulli.default) == [(8, 400)]
 
 

@@ -128,6 +128,7 @@ import pyro
 import pyro.infer.util
 import pyro.util
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
@@ -508,8 +509,6 @@ def _hoist_broadcasts(gm):
     particles over 400 points takes ``log(p)`` and ``log1p(-p)`` of the expanded 8 x 400
     probabilities (torch's ``Bernoulli.logits``), and Inductor's kernel evaluated them once a
     vector of the 400 (scalar ``log``, ``exp`` calls of libm, 8 x 25 times a step) where 8 do."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     graph, expand = gm.graph, torch.ops.aten.expand.default
     for node in list(graph.nodes):
         out = node.meta.get("val")
