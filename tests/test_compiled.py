@@ -316,6 +316,78 @@ def test_the_broadcast_is_kept_where_moving_it_would_change_a_dtype_or_a_layout_
     assert elementwise_shapes(hoisted, aten.bernoulli.default) == [(8, 400)]
 
 
+def traced_and_merged(f, *inputs):
+    """``(graph as traced, graph after compiled._merge_small_draws)`` of ``f`` at ``inputs``."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced, merged = make_fx(f)(*inputs), make_fx(f)(*inputs)
+    compiled._merge_small_draws(merged)
+    return traced, merged
+
+
+def draws_of(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.aten.normal_.default]
+
+
+def replayed(gm, *inputs, seed=0):
+    """``gm``'s outputs from a seeded generator, and the generator's state after them."""
+    torch.manual_seed(seed)
+    out = gm(*inputs)
+    return out, torch.get_rng_state()
+
+
+def assert_same_draws(traced, merged, *inputs):
+    (out, state), (expected, expected_state) = replayed(merged, *inputs), replayed(traced, *inputs)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected)), "the merged draw changed the numbers"
+    assert torch.equal(state, expected_state), "the merged draw left the generator in another state"
+
+
+def test_small_standard_draws_are_merged_into_one_draw_of_the_same_numbers():
+    """An AutoNormal-like guide of three sites (1, 1 and 8 values, loc + scale * eps each,
+    arithmetic between the draws): one draw of 10 after the pass, the same numbers bit for bit
+    and the same generator state after it, in float32 and float64."""
+    def guide(loc, scale):
+        mu = loc[0] + scale[0] * torch.empty((), dtype=loc.dtype).normal_()
+        tau = torch.exp(loc[1] + scale[1] * torch.empty((), dtype=loc.dtype).normal_())
+        theta = mu + tau * torch.empty(8, dtype=loc.dtype).normal_()
+        return mu, tau, theta
+
+    for dtype in (torch.float32, torch.float64):
+        loc, scale = torch.tensor([0.5, -1.0, 0.0], dtype=dtype), torch.tensor([0.1, 0.2, 0.3], dtype=dtype)
+        traced, merged = traced_and_merged(guide, loc, scale)
+        assert len(draws_of(traced)) == 3
+        assert [tuple(n.meta["val"].shape) for n in draws_of(merged)] == [(10,)]
+        assert_same_draws(traced, merged, loc, scale)
+
+
+def test_draws_are_kept_apart_where_merging_would_change_the_numbers():
+    """Negative controls: 8 + 8 values (torch draws 16 or more by a vectorised Box-Muller, other
+    numbers than one at a time), a uniform draw between two normal ones (the merged draw would
+    take the numbers the uniform one takes), and a draw from another generator stay apart; their
+    numbers are the traced graph's."""
+    def halves(x):
+        return x + torch.empty(8).normal_(), x - torch.empty(8).normal_()
+
+    traced, merged = traced_and_merged(halves, torch.zeros(8))
+    assert len(draws_of(merged)) == 2
+    assert_same_draws(traced, merged, torch.zeros(8))
+
+    def interleaved(x):
+        return x + torch.empty(3).normal_(), torch.rand(2), x - torch.empty(3).normal_()
+
+    traced, merged = traced_and_merged(interleaved, torch.zeros(3))
+    assert len(draws_of(merged)) == 2
+    assert_same_draws(traced, merged, torch.zeros(3))
+
+    other = torch.Generator().manual_seed(1)
+
+    def two_generators(x):
+        return x + torch.empty(3).normal_(generator=other), x - torch.empty(3).normal_()
+
+    _, merged = traced_and_merged(two_generators, torch.zeros(3))
+    assert len(draws_of(merged)) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear primitive")
 def test_a_network_s_products_by_onednn_and_by_mm_equal_the_eager_step_at_the_same_draws():

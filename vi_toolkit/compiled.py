@@ -120,6 +120,7 @@ TorchInductor); ``torch.fx.experimental.proxy_tensor.make_fx``.
 
 import contextlib
 import math
+import operator
 import sys
 import time
 import warnings
@@ -545,6 +546,76 @@ def _hoist_broadcasts(gm):
     gm.recompile()
 
 
+# the ops that draw no random numbers unless tagged so (a draw of another library's may not be)
+_TAGGED_NAMESPACES = ("aten", "prims", "mkldnn")
+SERIAL_DRAW_LIMIT = 16  # torch's CPU normal_ draws fewer elements one at a time (Box-Muller, its spare kept)
+
+
+def _small_draw(node):
+    """``(empty, (dtype, mean, std))`` where ``node`` is ``normal_`` of a fresh ``empty`` tensor
+    on the CPU, of float32 or float64, fewer than :data:`SERIAL_DRAW_LIMIT` elements, from the
+    default generator; else ``None``."""
+    if node.target is not torch.ops.aten.normal_.default or node.kwargs.get("generator") is not None:
+        return None
+    empty, mean, std = (*node.args, 0.0, 1.0)[:3]
+    val = empty.meta.get("val") if isinstance(empty, torch.fx.Node) else None
+    if (empty.target is not torch.ops.aten.empty.memory_format or len(empty.users) != 1 or val is None
+            or val.device.type != "cpu" or val.dtype not in (torch.float32, torch.float64)
+            or val.numel() >= SERIAL_DRAW_LIMIT or not val.is_contiguous()):
+        return None
+    return empty, (val.dtype, node.kwargs.get("mean", mean), node.kwargs.get("std", std))
+
+
+def _merge_small_draws(gm):
+    """Consecutive standard draws of ``gm`` (``normal_`` of a fresh tensor, no other random
+    operation between them) with fewer than :data:`SERIAL_DRAW_LIMIT` elements in all, as one
+    draw of them all, each the view of its slice.
+
+    torch's CPU kernel draws a tensor of fewer than 16 elements one element after another
+    from the generator's stream (the larger ones by a vectorised Box-Muller in blocks of 16),
+    so the merged draw is the same numbers, and leaves the generator in the same state, as
+    the draws it replaces. A guide of several small sites (``AutoNormal`` of eight schools: 1,
+    1 and 8 values) draws once a step, not once a site: in a compiled graph each draw is a
+    call through torch's dispatcher and two buffers."""
+    graph = gm.graph
+    runs, run, kind, total = [], [], None, 0
+    for node in list(graph.nodes):
+        op = node.target if isinstance(node.target, torch._ops.OpOverload) else None
+        if node.op == "call_function" and (node.target in (operator.getitem, torch.ops.vi_toolkit.inner_product.default) or (
+                op is not None and op.namespace in _TAGGED_NAMESPACES and torch.Tag.nondeterministic_seeded not in op.tags)):
+            continue  # draws no random numbers
+        draw = _small_draw(node)
+        size = draw[0].meta["val"].numel() if draw else 0
+        if draw is None or draw[1] != kind or total + size >= SERIAL_DRAW_LIMIT:
+            runs.append(run)
+            run, kind, total = [], None, 0
+        if draw is not None:
+            run.append(node)
+            kind, total = draw[1], total + size
+    runs.append(run)
+    for run in (r for r in runs if len(r) > 1):
+        (dtype, mean, std), first = _small_draw(run[0])[1], run[0].args[0]
+        sizes = [node.args[0].meta["val"].numel() for node in run]
+        with graph.inserting_before(first):
+            empty = graph.call_function(torch.ops.aten.empty.memory_format, ([sum(sizes)],),
+                                        {"dtype": dtype, "device": torch.device("cpu"), "pin_memory": False})
+            merged = graph.call_function(torch.ops.aten.normal_.default, (empty, mean, std))
+            empty.meta["val"] = merged.meta["val"] = first.meta["val"].new_empty(sum(sizes))
+            start = 0
+            for node, size in zip(run, sizes):
+                part = graph.call_function(torch.ops.aten.slice.Tensor, (merged, 0, start, start + size))
+                view = graph.call_function(torch.ops.aten.view.default, (part, list(node.meta["val"].shape)))
+                part.meta["val"] = merged.meta["val"][start:start + size]
+                view.meta["val"] = part.meta["val"].view(node.meta["val"].shape)
+                start += size
+                node.replace_all_uses_with(view)
+        for node in run:
+            fresh = node.args[0]
+            graph.erase_node(node)
+            graph.erase_node(fresh)
+    gm.recompile()
+
+
 class StepGraph:
     """The loss of one batch and its gradients with respect to ``params``, as one compiled graph;
     or, with ``block``, a run of steps (loss, gradients and the optimizer's update each) in one.
@@ -612,6 +683,7 @@ class StepGraph:
                                 ".item(), checks) has no fixed structure") from err
         _route_products(gm)
         _hoist_broadcasts(gm)
+        _merge_small_draws(gm)
         mutated = _mutated_state(gm, rule.mutated(n, batch) if rule is not None and block is None else frozenset())
         if mutated:
             raise NotCompilable(f"the step changes state other than its parameters ({mutated}), e.g. "
