@@ -1,5 +1,6 @@
 """The fit engine: ELBO choices, minibatch unbiasedness, reproducibility, stopping, devices."""
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -215,6 +216,27 @@ def test_divergence_names_the_step_and_site_and_keeps_the_last_good_state(x):
     assert err.site == "model site 'x'"  # its scale, the parameter noise, went negative
     assert err.last_elbo is None and "last finite ELBO was none yet" in str(err)
     assert all(torch.isfinite(v).all() for v in err.result.params.values())
+
+
+def test_the_replay_of_a_divergence_redraws_numpy_s_numbers_of_an_eager_model(x):
+    """An eager model whose scale is NaN when NumPy's uniform draw of the step is below 0.1:
+    the replay from the last good state (step 0, one read-back in 50 steps) redraws the same
+    numbers, so it finds the site NaN at the failing step. Negative control: a last good state
+    without NumPy's generator (as a compiled step's, whose graph never draws from it) gives
+    the replay other numbers, and at the failing step the site is finite (checked by mutation)."""
+    def model(x, num_data=None):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        scale = torch.tensor(float("nan") if np.random.rand() < 0.1 else 1.0)
+        with data_plate(x, num_data):
+            pyro.sample("x", dist.Normal(loc, scale), obs=x)
+
+    def guide(x, num_data=None):
+        pass
+
+    with pytest.raises(DivergenceError) as info:
+        fit(model, guide, x, num_steps=50, options={"log_every": 50, "validate": False}, progress=False, seed=0)
+    err = info.value
+    assert err.step > 1 and err.site == "model site 'x'"
 
 
 def test_a_model_that_fails_mid_fit_gets_a_clear_error(x):

@@ -863,6 +863,11 @@ class CompiledStep(EagerStep):
         self.blocks = {}  # the graphs of runs of steps, by the batch's shapes, stacked inputs and length
         report.update(used=True, seconds=0.0, graphs=0, reason=None, blocks=None, steps_per_call=1)
 
+    @property
+    def runs_python(self) -> bool:
+        """Whether a step runs the model's and guide's code: only once it fell back to the eager step."""
+        return self.eager
+
     def update(self, args, kwargs, share=1.0):
         """One step, as :meth:`EagerStep.update`. Its graph is found first (traced and compiled
         if the batch's shapes are new); on the CPU the replay and the optimizer's update then

@@ -40,6 +40,8 @@ class EagerStep:
         strategy: :mod:`vi_toolkit.strategy` object that reduces gradients across processes.
     """
 
+    runs_python = True  # a step runs the model's and guide's code (which may draw from Python's and NumPy's generators)
+
     def __init__(self, model, guide, elbo, *, optimizer, lr, optimizer_args, lr_schedule,
                  total_steps, clip_norm, validate, strategy):
         self.model, self.guide, self.elbo = model, guide, elbo
