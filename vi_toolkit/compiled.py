@@ -553,6 +553,7 @@ def _hoist_broadcasts(gm):
 
 # the ops that draw no random numbers unless tagged so (a draw of another library's may not be)
 _TAGGED_NAMESPACES = ("aten", "prims", "mkldnn")
+_DRAW_FREE = (operator.getitem, torch.ops.vi_toolkit.inner_product.default)
 SERIAL_DRAW_LIMIT = 16  # torch's CPU normal_ draws fewer elements one at a time (Box-Muller, its spare kept)
 
 
@@ -564,7 +565,7 @@ def _small_draw(node):
         return None
     empty, mean, std = (*node.args, 0.0, 1.0)[:3]
     val = empty.meta.get("val") if isinstance(empty, torch.fx.Node) else None
-    if (empty.target is not torch.ops.aten.empty.memory_format or len(empty.users) != 1 or val is None
+    if (val is None or empty.target is not torch.ops.aten.empty.memory_format or len(empty.users) != 1
             or val.device.type != "cpu" or val.dtype not in (torch.float32, torch.float64)
             or val.numel() >= SERIAL_DRAW_LIMIT or not val.is_contiguous()):
         return None
@@ -586,8 +587,9 @@ def _merge_small_draws(gm):
     runs, run, kind, total = [], [], None, 0
     for node in list(graph.nodes):
         op = node.target if isinstance(node.target, torch._ops.OpOverload) else None
-        if node.op == "call_function" and (node.target in (operator.getitem, torch.ops.vi_toolkit.inner_product.default) or (
-                op is not None and op.namespace in _TAGGED_NAMESPACES and torch.Tag.nondeterministic_seeded not in op.tags)):
+        untagged = (op is not None and op.namespace in _TAGGED_NAMESPACES
+                    and torch.Tag.nondeterministic_seeded not in op.tags)
+        if node.op == "call_function" and (untagged or node.target in _DRAW_FREE):
             continue  # draws no random numbers
         draw = _small_draw(node)
         size = draw[0].meta["val"].numel() if draw else 0

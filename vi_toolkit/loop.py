@@ -276,7 +276,7 @@ class Loop:
         it only grows, and a copy at every read-back costs time quadratic in the fit's length;
         and where the steps replay a compiled graph, which draws from torch's generators only,
         Python's and NumPy's states are left out (the replay of a divergence needs the steps'
-        generators; reading NumPy's took 0.1-0.2 of a block's 2-3 ms on eight schools)."""
+        generators; reading NumPy's took 0.1-0.2 ms of a block's 2-3 on eight schools)."""
         state = self.step_fn.state_dict()
         state.update({
             "config": dict(self.config),
