@@ -16,6 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoNormal
 from torch import nn
 from torch._inductor import codecache
 from torch.distributions import constraints
@@ -670,6 +671,28 @@ def test_a_block_of_steps_in_one_graph_equals_one_step_a_call_and_the_eager_fit(
     assert in_blocks.history["loss"] != pytest.approx(
         fit(conjugate.model, conjugate_guide.guide, x, compile=True, **{**settings, "seed": 4}).history["loss"],
         rel=rel)
+
+
+SCHOOL_SIGMAS = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def schools_model(y):  # reads a tensor it is not given: a constant of the traced step
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("schools", 8):
+        pyro.sample("y", dist.Normal(mu, SCHOOL_SIGMAS), obs=y)
+
+
+def test_a_block_hands_the_step_s_tensor_constants_to_its_loop():
+    """A model that reads a tensor of its own (not an argument) still runs in blocks: the loop's
+    body receives the step's constants as inputs of the loop (read as constants inside the
+    body, the loop failed to compile and the fit ran one step a call), and equals the eager fit."""
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    settings = dict(num_steps=100, lr=0.05, progress=False, seed=0, options={"log_every": 50})
+    in_blocks = fit(schools_model, AutoNormal(schools_model), y, compile=True, **settings)
+    eager = fit(schools_model, AutoNormal(schools_model), y, compile=False, **settings)
+    report = in_blocks.config["compile"]
+    assert report["steps_per_call"] == 50 and report["blocks"] is None, report["blocks"]
+    assert in_blocks.history["loss"] == pytest.approx(eager.history["loss"], rel=1e-5)
 
 
 def one_latent(prior, likelihood, family):
