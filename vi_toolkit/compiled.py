@@ -264,8 +264,8 @@ def _one_fake_mode():
 
     Tracing with real tensors, ``make_fx`` stores each recorded tensor's shape and strides as a
     fake tensor, made in a new ``FakeTensorMode`` where none is ambient; each new mode takes a
-    Python stack trace (on eight schools 1,206 modes, 0.9 of the 3.6 s that tracing and a
-    cached compile took). An ambient one, in a ``TracingContext``, serves them all."""
+    Python stack trace (on eight schools 1,206 modes, 0.9 s of the 3.6 s that tracing and a
+    cached compile took under cProfile). An ambient one, in a ``TracingContext``, serves them all."""
     from torch._guards import TracingContext, tracing
 
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
@@ -780,8 +780,8 @@ def _loop_graph(step, example, *, n, batch, groups, steps, stacked, scheduled):
     is called as the trace's own, its body traced by ``make_fx`` with every tensor it reads
     passed in (the batch, the rates, ``step``'s constants, see :func:`_lift_constants`), not
     through ``torch._higher_order_ops.while_loop``, which traces the body again with TorchDynamo
-    (on eight schools 1.2 s of the 1.8 s that tracing and a cached compile took; the graphs are
-    the same).
+    (on eight schools 1.2 s of the 2.4 s that tracing and a cached compile took under cProfile;
+    the graphs are the same).
 
     The loop carries the parameters and Adam's two moments as one flat tensor and the step
     counts as another, not one tensor each (each carried tensor is a new buffer, and a new
