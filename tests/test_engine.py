@@ -13,9 +13,12 @@ from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
 
 from vi_toolkit import (Callback, CSVLogger, DivergenceError, FitError, FitOptions, TensorBoardLogger,
-                        data_plate, fit)
+                        data_plate, fit, make_elbo)
+from vi_toolkit.data import FitData
 from vi_toolkit.guides import conjugate as conjugate_guide
 from vi_toolkit.models import conjugate
+from vi_toolkit.step import EagerStep, map_tensors
+from vi_toolkit.strategy import SingleProcess
 
 QUIET = dict(progress=False, seed=0)
 
@@ -408,3 +411,32 @@ def test_an_autoguide_given_each_batchs_indices_fits_the_exact_per_point_posteri
     sd = 0.9 ** 0.5
     assert (result.params["AutoNormal.locs.z"] - 0.9 * x).abs().max() < 0.15 * sd
     assert (result.params["AutoNormal.scales.z"] / sd - 1).abs().max() < 0.06
+
+
+def _adam_step(x):
+    """An eager Adam step on the conjugate model, initialised (two parameters, their moments)."""
+    pyro.clear_param_store()
+    step = EagerStep(conjugate.model, conjugate_guide.guide, make_elbo("trace"), optimizer="adam", lr=0.1,
+                     optimizer_args=None, lr_schedule=None, total_steps=10, clip_norm=None,
+                     validate=False, strategy=SingleProcess("cpu"))
+    args, kwargs = FitData(x).call_args([x], None)
+    step.loss(args, kwargs)  # creates the guide's parameters
+    step.init()
+    return step, args, kwargs
+
+
+def test_a_restored_state_is_not_changed_by_the_steps_after_it(x):
+    """The last good state is restored before a divergence's replay and again after it: the
+    steps between must not write into it (torch's optimizer keeps the tensors it is loaded
+    with and Adam updates its moments in place; checked by mutation)."""
+    step, args, kwargs = _adam_step(x)
+    for _ in range(3):
+        step.update(args, kwargs)
+    good = step.state_dict()
+    kept = map_tensors(torch.clone, good)
+    step.load_state_dict(good, "the last good state")
+    for _ in range(3):
+        step.update(args, kwargs)
+    for i, moments in good["optimizer"]["state"].items():  # each parameter's m, v and t
+        for k, value in moments.items():
+            assert torch.equal(value, kept["optimizer"]["state"][i][k]), f"parameter {i}'s {k!r} changed"

@@ -139,7 +139,9 @@ class EagerStep:
                 for k, buf in module.named_buffers():
                     if k in state["buffers"].get(role, {}):
                         buf.copy_(state["buffers"][role][k])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # copies: torch's optimizer keeps the tensors it is given, which the steps then update in
+        # place, and the state restored from (the last good state) must stay as it was
+        self.optimizer.load_state_dict(map_tensors(torch.clone, state["optimizer"]))
         for scheduler, key in ((self.scheduler, "scheduler"), (self.epoch_scheduler, "epoch_scheduler")):
             if scheduler is not None and state.get(key) is not None:
                 scheduler.load_state_dict(state[key])
