@@ -70,7 +70,7 @@ def main(argv=None):
                "chosen_K": mixture.K,
                "heldout_loglik": curve["heldout_loglik"][best], "train_elbo": result.elbo,
                "curve_K": curve["K"], "curve_heldout_loglik": curve["heldout_loglik"],
-               "curve_elbo": curve["elbo"]}
+               "curve_elbo": curve["elbo"], "diverged_K": sorted(curve["diverged"])}
     if truth is not None:
         metrics["true_K"] = truth.K
         metrics["true_params_heldout_loglik"] = float(truth.log_likelihood(x_test_cpu, TRUE).mean())

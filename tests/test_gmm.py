@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from vi_toolkit import DivergenceError, recipes
 from vi_toolkit.initialization import kmeans_init
 from vi_toolkit.recipes import fit_gmm, select_K
 from vi_toolkit.models.gmm import GaussianMixture
@@ -132,6 +133,30 @@ def test_select_K_peaks_at_the_true_number_of_components(data):
     assert curve["elbo"][2] > curve["elbo"][1]
     assert curve["chosen_K"] == 3
 
+
+
+def test_a_K_whose_fit_diverges_is_named_and_left_out_of_the_choice(data, monkeypatch):
+    """A diverging K (as K = 4 full covariances on 96 points of two clusters did on one CPU)
+    must not end the whole curve, nor be chosen: a warning names it, its figures are NaN."""
+    x, x_test, _ = data
+    real_fit = recipes.fit_gmm
+
+    def fit_or_diverge(mixture, x, **options):
+        if mixture.K == 3:
+            raise DivergenceError("the loss became NaN or infinite at step 4", step=4, last_elbo=None,
+                                  site="model site 'scales'", result=None)
+        return real_fit(mixture, x, **options)
+
+    monkeypatch.setattr(recipes, "fit_gmm", fit_or_diverge)
+    with pytest.warns(UserWarning, match=r"K = 3 diverged .*step 4"):
+        curve = select_K(x[:600], x_test[:600], 4, covariance="full")
+    assert curve["K"] == [1, 2, 3, 4] and list(curve["diverged"]) == [3] and curve["fits"][2] is None
+    assert np.isnan(curve["heldout_loglik"][2]) and np.isnan(curve["elbo"][2])
+    assert curve["chosen_K"] == 4  # the true K = 3 diverged: K = 4 explains the data best of the rest
+    monkeypatch.setattr(recipes, "fit_gmm", lambda mixture, x, **options: fit_or_diverge(
+        type(mixture)(3, 2, "full"), x))
+    with pytest.raises(ValueError, match="every K = 1..2 diverged"), pytest.warns(UserWarning):
+        select_K(x[:600], x_test[:600], 2, covariance="full")
 
 def test_bad_input_is_a_value_error_naming_it(data):
     x = data[0]

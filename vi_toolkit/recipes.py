@@ -18,9 +18,13 @@ Each keeps the best training ELBO of its restarts (:func:`best_of`): with latent
 states or topics the likelihood has several local maxima, as for EM.
 """
 
+import math
+import warnings
+
 import torch
 
 from .engine import fit
+from .errors import DivergenceError
 from .guides import bayesnet as bayesnet_guides
 from .guides import discriminant as discriminant_guides
 from .guides.gmm import GUIDES
@@ -75,23 +79,39 @@ def select_K(x, val_x, Kmax, *, covariance="diag", **options):
     ``heldout_se`` (its standard error over the held-out points), ``fits`` (the
     ``(mixture, result, guide)`` of each K) and ``chosen_K``: the smallest K whose held-out
     log-likelihood is within one standard error of the best (the one-SE rule: a larger
-    K must beat it by more than the noise of the held-out estimate).
+    K must beat it by more than the noise of the held-out estimate). A K whose fit diverges
+    (:class:`~vi_toolkit.DivergenceError`: a component collapsing onto a few points drives its
+    scales to 0 or infinity) is left out of the choice with a warning that names it: its
+    ``elbo`` and held-out figures are NaN, its ``fits`` entry is ``None``, and ``diverged`` maps
+    it to the error's message; ``ValueError`` if every K diverged.
     """
     if not isinstance(Kmax, int) or Kmax < 1:
         raise ValueError(f"Kmax must be an integer >= 1, got {Kmax!r}")
-    curve = {"K": [], "elbo": [], "heldout_loglik": [], "heldout_se": [], "fits": []}
+    curve = {"K": [], "elbo": [], "heldout_loglik": [], "heldout_se": [], "fits": [], "diverged": {}}
     for K in range(1, Kmax + 1):
         mixture = GaussianMixture(K, x.shape[-1], covariance)
-        result, guide = fit_gmm(mixture, x, **options)
-        heldout = mixture.log_likelihood(val_x, guide.point_estimate(result))
         curve["K"].append(K)
+        try:
+            result, guide = fit_gmm(mixture, x, **options)
+        except DivergenceError as err:
+            warnings.warn(f"select_K: the fit of K = {K} diverged and is left out of the choice: {err}",
+                          stacklevel=2)
+            curve["diverged"][K] = str(err)
+            for key in ("elbo", "heldout_loglik", "heldout_se"):
+                curve[key].append(math.nan)
+            curve["fits"].append(None)
+            continue
+        heldout = mixture.log_likelihood(val_x, guide.point_estimate(result))
         curve["elbo"].append(result.elbo)
         curve["heldout_loglik"].append(float(heldout.mean()))
         curve["heldout_se"].append(float(heldout.std() / len(heldout) ** 0.5))
         curve["fits"].append((mixture, result, guide))
-    best = max(range(Kmax), key=lambda i: curve["heldout_loglik"][i])
+    fitted = [i for i in range(Kmax) if curve["fits"][i] is not None]
+    if not fitted:
+        raise ValueError(f"select_K: the fit of every K = 1..{Kmax} diverged: {curve['diverged'][Kmax]}")
+    best = max(fitted, key=lambda i: curve["heldout_loglik"][i])
     threshold = curve["heldout_loglik"][best] - curve["heldout_se"][best]
-    curve["chosen_K"] = next(K for K, ll in zip(curve["K"], curve["heldout_loglik"]) if ll >= threshold)
+    curve["chosen_K"] = next(K for K, ll in zip(curve["K"], curve["heldout_loglik"]) if ll >= threshold)  # NaN is never >=
     return curve
 
 
